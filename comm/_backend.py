@@ -1,0 +1,297 @@
+"""Backend: one thread's handle on the communicator.
+
+Theory of operation
+-------------------
+A Backend owns a fixed ring of Slots and one ZeroMQ PUSH socket per shard,
+created lazily in the thread that first calls it (ZeroMQ sockets belong to one
+thread). A call validates its arguments, takes a free slot from the ring (a plain
+list used as a stack: only the owner thread touches it, so no lock is shared with
+other backends), arms it, registers it in the communicator's job table and pushes
+its 8-byte key into the pipe of the shard that owns the block. It then waits on
+the slot; the shard worker completes it and the caller wakes with the page, or
+with a typed error raised here, in the caller's thread.
+
+Slots whose caller stopped waiting (timeout, cancel) are "orphans" until the
+worker lets go of them; the ring reclaims them as soon as they turn FREE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from shards import MAX_BLOCKS_PER_REQUEST, RelTag
+from shards.protocol import Kind, RequestClass, SlruKind
+
+from ._errors import Cancelled, CommClosed, InvalidRequest, RequestTimeout
+from ._slot import Slot, SlotState
+from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
+
+if TYPE_CHECKING:
+    from ._communicator import Communicator
+
+_NORMAL = int(RequestClass.NORMAL)
+_PREFETCH = int(RequestClass.PREFETCH)
+
+
+class Backend:
+    """A per-thread handle: ``get_page``, ``get_pages``, ``prefetch``, ``nblocks``,
+    ``exists``, ``db_size``, ``slru_segment``. Use from one thread; ``cancel()`` and
+    ``close()`` may come from any thread."""
+
+    def __init__(self, comm: Communicator, bid: int, nslots: int) -> None:
+        self._comm = comm
+        self.id = bid
+        self.name = f"backend-{bid}"
+        self._slots = [Slot(i, (bid << 16) | i, self.name) for i in range(nslots)]
+        self._free = list(range(nslots - 1, -1, -1))  # owner thread only
+        self._orphans: list[Slot] = []  # owner thread only
+        self._owner: int | None = None
+        self._timeout = comm.config.request_timeout
+        # _lock guards: _push (the sockets) and _closed; held while sending so that a
+        # close() from another thread never closes a socket in use
+        self._lock = threading.Lock()
+        self._push: dict[int, zmq.Socket] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------ public API
+    def get_page(self, rel: RelTag, blkno: int, lsn: int, *,
+                 not_modified_since: int | None = None, timeout: float | None = None) -> bytes:
+        """The 8192-byte page ``blkno`` of ``rel``, newest version at or below ``lsn``."""
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        rel = check_rel(rel)
+        blkno = check_block(blkno)
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        page = self._comm._prefetch_hit(self.id, rel, blkno, lsn, nms)
+        if page is not None:
+            return page
+        shard = self._comm._shard_of(rel, blkno)
+        slot = self._take_slot(deadline)
+        slot.arm(Kind.GET_PAGES, _NORMAL, rel, (blkno,), lsn, nms, deadline, shard)
+        self._submit(slot)
+        return self._wait(slot, deadline)[0]
+
+    def get_pages(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
+                  not_modified_since: int | None = None,
+                  timeout: float | None = None) -> list[bytes]:
+        """Pages of any blocks of one relation, in request order, from any shards."""
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        rel = check_rel(rel)
+        blks = check_blocks(blocks)
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        out: list[Any] = [None] * len(blks)
+        missing: list[int] = []
+        for i, b in enumerate(blks):
+            page = self._comm._prefetch_hit(self.id, rel, b, lsn, nms)
+            if page is None:
+                missing.append(i)
+            else:
+                out[i] = page
+        chunks = self._chunks(rel, blks, missing)
+        if len(chunks) > len(self._slots):
+            raise InvalidRequest(f"get_pages needs {len(chunks)} wire requests but this backend "
+                                 f"has {len(self._slots)} slots (COMM_SLOTS_PER_BACKEND); ask "
+                                 f"for fewer blocks per call")
+        slots = []
+        for shard, idxs in chunks:
+            slot = self._take_slot(deadline)
+            slot.arm(Kind.GET_PAGES, _NORMAL, rel, tuple(blks[i] for i in idxs), lsn, nms,
+                     deadline, shard)
+            self._submit(slot)
+            slots.append((slot, idxs))
+        self._gather(slots, deadline, out)
+        return out
+
+    def prefetch(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
+                 not_modified_since: int | None = None, timeout: float | None = None) -> int:
+        """Ask for pages ahead of need; returns at once with the number of pages newly
+        queued. Never raises for server errors (a failed prefetch is just not there)."""
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        rel = check_rel(rel)
+        blks = check_blocks(blocks)
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        return self._comm._prefetch(self, rel, blks, lsn, nms, deadline)
+
+    def nblocks(self, rel: RelTag, lsn: int, *, not_modified_since: int | None = None,
+                timeout: float | None = None) -> int:
+        """Number of blocks of ``rel`` at ``lsn``; RelationNotFound if it does not exist."""
+        return self._relsize(rel, lsn, not_modified_since, timeout, False)[1]
+
+    def exists(self, rel: RelTag, lsn: int, *, not_modified_since: int | None = None,
+               timeout: float | None = None) -> bool:
+        return self._relsize(rel, lsn, not_modified_since, timeout, True)[0]
+
+    def db_size(self, db: int, lsn: int, *, not_modified_since: int | None = None,
+                timeout: float | None = None) -> int:
+        """Total size in bytes of database ``db`` at ``lsn``."""
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        db = check_u32(db, "db")
+        return self._call(Kind.DB_SIZE, None, lsn, nms, timeout, db)
+
+    def slru_segment(self, kind: int, segno: int, lsn: int, *,
+                     not_modified_since: int | None = None,
+                     timeout: float | None = None) -> bytes:
+        """One SLRU segment (CLOG, multixact members/offsets) at ``lsn``."""
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        try:
+            sk = SlruKind(kind)
+        except ValueError:
+            raise InvalidRequest(f"kind={kind!r} is not an SLRU kind "
+                                 f"({', '.join(f'{k.value}={k.name}' for k in SlruKind)})") from None
+        segno = check_u32(segno, "segno")
+        return self._call(Kind.SLRU_SEGMENT, None, lsn, nms, timeout, (sk, segno))
+
+    def cancel(self) -> int:
+        """Make this backend's waiting call raise Cancelled now (any thread). Returns
+        the number of requests cancelled."""
+        n = 0
+        for slot in self._slots:
+            if slot.state == SlotState.PENDING:
+                n += slot.cancel(Cancelled(f"{self.name}: request cancelled"))
+        return n
+
+    def slots_in_use(self) -> int:
+        return sum(1 for s in self._slots if s.state != SlotState.FREE)
+
+    def close(self) -> None:
+        """Release this backend's sockets and slots. Safe to call twice, from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            push, self._push = self._push, {}
+            for sock in push.values():
+                sock.close(0)
+        for slot in self._slots:
+            slot.cancel(CommClosed(f"{self.name} is closed"))
+        self._comm._forget_backend(self)
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<Backend {self.name} {state} slots={len(self._slots)} "
+                f"in_use={self.slots_in_use()}>")
+
+    # ------------------------------------------------------------ internals
+    def _enter(self) -> None:
+        if self._closed or self._comm._closed:
+            raise CommClosed(f"{self.name} is closed" if self._closed
+                             else "the communicator is closed")
+        ident = threading.get_ident()
+        if self._owner != ident:
+            if self._owner is not None:
+                raise InvalidRequest(f"{self.name} belongs to another thread; create one "
+                                     f"backend per thread with Communicator.backend()")
+            self._owner = ident
+
+    def _relsize(self, rel: Any, lsn: Any, nms: Any, timeout: Any,
+                 allow_missing: bool) -> tuple[bool, int]:
+        self._enter()
+        lsn, nms = check_lsns(lsn, nms)
+        rel = check_rel(rel)
+        return self._call(Kind.REL_SIZE, rel, lsn, nms, timeout, allow_missing)
+
+    def _call(self, kind: int, rel: Any, lsn: int, nms: int, timeout: Any, extra: Any) -> Any:
+        """One metadata request; these are served by shard 0."""
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        slot = self._take_slot(deadline)
+        slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
+        self._submit(slot)
+        return self._wait(slot, deadline)
+
+    def _chunks(self, rel: RelTag, blks: list[int],
+                idxs: list[int]) -> list[tuple[int, list[int]]]:
+        """Group request positions by shard, at most 32 blocks per wire request."""
+        by_shard: dict[int, list[int]] = {}
+        for i in idxs:
+            by_shard.setdefault(self._comm._shard_of(rel, blks[i]), []).append(i)
+        out = []
+        for shard, pos in by_shard.items():
+            for k in range(0, len(pos), MAX_BLOCKS_PER_REQUEST):
+                out.append((shard, pos[k:k + MAX_BLOCKS_PER_REQUEST]))
+        return out
+
+    def _take_slot(self, deadline: float) -> Slot:
+        while True:
+            if self._free:
+                return self._slots[self._free.pop()]
+            if self._orphans:
+                still = [s for s in self._orphans if s.state != SlotState.FREE]
+                self._free.extend(s.index for s in self._orphans if s.state == SlotState.FREE)
+                self._orphans = still
+                if self._free:
+                    continue
+            if time.monotonic() >= deadline:
+                raise RequestTimeout(f"{self.name}: all {len(self._slots)} slots are held by "
+                                     f"abandoned requests")
+            if self._closed or self._comm._closed:
+                raise CommClosed(f"{self.name} is closed")
+            time.sleep(0.001)  # rare: only after timeouts/cancels; the worker frees them
+
+    def _push_key(self, shard: int, key: int) -> bool:
+        """Push a job key into ``shard``'s pipe; False if this backend is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            sock = self._push.get(shard)
+            if sock is None:
+                sock = self._push[shard] = self._comm._open_pipe(shard)
+            try:
+                sock.send(key.to_bytes(8, "little"), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            return True
+
+    def _submit(self, slot: Slot) -> None:
+        self._comm._jobs[slot.key] = slot
+        if self._push_key(slot.shard, slot.key):
+            return
+        self._comm._jobs.pop(slot.key, None)
+        slot.state = SlotState.FREE
+        self._free.append(slot.index)
+        raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
+
+    def _wait(self, slot: Slot, deadline: float) -> Any:
+        if not slot.wait(deadline - time.monotonic()) and slot.abandon():
+            self._orphans.append(slot)
+            raise RequestTimeout(f"{self.name}: no reply from shard {slot.shard} within the "
+                                 f"deadline for {Kind(slot.kind).name} {slot.rel} "
+                                 f"{list(slot.blocks)} at lsn {slot.lsn:#x}")
+        state = slot.state
+        if state == SlotState.DONE or state == SlotState.FAILED:
+            self._free.append(slot.index)
+            return slot.take()
+        err = slot.error  # cancelled or closed from another thread
+        if state == SlotState.FREE:
+            self._free.append(slot.index)
+        else:
+            self._orphans.append(slot)
+        raise err if err is not None else Cancelled(f"{self.name}: request cancelled")
+
+    def _gather(self, slots: list[tuple[Slot, list[int]]], deadline: float,
+                out: list[Any]) -> None:
+        first: BaseException | None = None
+        for slot, idxs in slots:
+            try:
+                pages = self._wait(slot, deadline)
+            except BaseException as e:  # keep collecting: every slot must come back
+                first = first or e
+                continue
+            for i, page in zip(idxs, pages):
+                out[i] = page
+        if first is not None:
+            raise first

@@ -1,0 +1,284 @@
+"""The Communicator: one per process, between all backends and all shards.
+
+Theory of operation
+-------------------
+The communicator owns one ZeroMQ Context, a fixed pool of ShardWorker threads
+per shard (each with one pipelined DEALER connection), the job table through
+which backends hand requests to workers (the pipe carries only an 8-byte key),
+and the shared prefetch buffer. Backends are created with ``backend()``; each
+owns its slot ring and its own pipe sockets. ``close()`` stops the workers
+(through their pipes), which fail everything pending with CommClosed, then
+closes every remaining socket and terminates the Context, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from prefetch import PrefetchBuffer
+from shards import MAX_BLOCKS_PER_REQUEST, RelTag, shard_for
+from shards.protocol import Kind, RequestClass
+
+from ._backend import Backend
+from ._config import CommConfig
+from ._errors import CommClosed, ConfigError
+from ._worker import STOP, ShardWorker
+
+_instances = itertools.count(1)
+_PREFETCH = int(RequestClass.PREFETCH)
+
+
+class PrefetchJob:
+    """A communicator-owned wire request that fills the prefetch buffer. It has the
+    interface the worker expects of a job (like a Slot), but nobody waits on it."""
+
+    __slots__ = ("kind", "cls", "rel", "blocks", "lsn", "nms", "deadline", "attempt", "extra",
+                 "shard", "buffer", "owner")
+
+    def __init__(self, buffer: PrefetchBuffer, owner: str, rel: RelTag, blocks: tuple[int, ...],
+                 lsn: int, nms: int, deadline: float, shard: int) -> None:
+        self.kind, self.cls, self.rel, self.blocks = int(Kind.GET_PAGES), _PREFETCH, rel, blocks
+        self.lsn, self.nms, self.deadline, self.shard = lsn, nms, deadline, shard
+        self.attempt, self.extra, self.buffer, self.owner = 0, None, buffer, owner
+
+    def is_live(self) -> bool:
+        return True
+
+    def complete(self, pages: Sequence[bytes]) -> bool:
+        for blk, page in zip(self.blocks, pages):
+            self.buffer.fill(self.rel, blk, self.lsn, page)
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        for blk in self.blocks:
+            self.buffer.discard(self.rel, blk, self.lsn)
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"owner": self.owner, "state": "PREFETCH", "kind": self.kind, "shard": self.shard,
+                "rel": str(self.rel), "blocks": list(self.blocks), "lsn": self.lsn,
+                "nms": self.nms, "attempt": self.attempt}
+
+
+class Communicator:
+    """Multiplexes many backends' page reads over a few pipelined connections per shard.
+
+    ``Communicator(["tcp://127.0.0.1:6400", ...], stripe_size=2048)`` or
+    ``Communicator.from_env()``; use as a context manager.
+    """
+
+    def __init__(self, shards: Sequence[str] | None = None, stripe_size: int | None = None, *,
+                 config: CommConfig | None = None) -> None:
+        cfg = config or CommConfig()
+        if shards is not None:
+            if isinstance(shards, str):
+                raise ConfigError("shards must be a list of endpoints, not one string")
+            cfg = cfg.replace(shards=tuple(shards))
+        if stripe_size is not None:
+            cfg = cfg.replace(stripe_size=stripe_size)
+        if not cfg.shards:
+            raise ConfigError("no shards: pass a list of page-server endpoints or set COMM_SHARDS")
+        self.config = cfg
+        self._uid = f"{os.getpid()}-{next(_instances)}"
+        self._shard_count = len(cfg.shards)
+        self._stripe = cfg.stripe_size
+        self._shard_cache: dict[tuple[int, int], int] = {}
+        self._jobs: dict[int, Any] = {}  # key -> job; written by backends, popped by workers
+        self._prefetch_keys = itertools.count(1 << 62)
+        self._buffer = PrefetchBuffer(cfg.prefetch_pages)
+        # _lock guards: _backends, _next_bid, _closed, _control
+        self._lock = threading.Lock()
+        self._backends: dict[int, Backend] = {}
+        self._next_bid = 1
+        self._closed = False
+        self._control: zmq.Socket | None = None  # owned by whichever thread holds _lock
+        self._started = time.monotonic()
+        self._ctx = zmq.Context()
+        self._ctx.set(zmq.MAX_SOCKETS, cfg.max_sockets)
+        self._workers: list[list[ShardWorker]] = []
+        try:
+            for shard, endpoint in enumerate(cfg.shards):
+                self._workers.append([self._start_worker(shard, k, endpoint)
+                                      for k in range(cfg.threads_per_shard)])
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Communicator:
+        """A communicator configured from the ``COMM_*`` environment variables."""
+        return cls(config=CommConfig.from_env(**overrides))
+
+    def _start_worker(self, shard: int, k: int, endpoint: str) -> ShardWorker:
+        w = ShardWorker(self._ctx, self._jobs, shard, k, endpoint,
+                        f"inproc://pagecomm-{self._uid}-s{shard}-w{k}",
+                        window=self.config.inflight_per_conn,
+                        verify=self.config.verify_checksums)
+        w.start()
+        return w
+
+    # ------------------------------------------------------------ backends
+    def backend(self) -> Backend:
+        """A new Backend with its own slot ring; use it from one thread."""
+        with self._lock:
+            if self._closed:
+                raise CommClosed("the communicator is closed")
+            bid = self._next_bid
+            if bid >= 1 << 40:
+                raise CommClosed("backend ids exhausted")
+            self._next_bid += 1
+            be = Backend(self, bid, self.config.slots_per_backend)
+            self._backends[bid] = be
+        return be
+
+    def _forget_backend(self, be: Backend) -> None:
+        with self._lock:
+            self._backends.pop(be.id, None)
+        self._buffer.forget_owner(be.id)
+
+    def _open_pipe(self, shard: int) -> zmq.Socket:
+        """A PUSH socket for the calling thread, connected to every worker of ``shard``."""
+        s = self._ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)  # bounded by the slot ring, never by the pipe
+        for w in self._workers[shard]:
+            s.connect(w.pipe)
+        return s
+
+    def _shard_of(self, rel: RelTag, blkno: int) -> int:
+        if self._shard_count < 2:
+            return 0
+        key = (rel.rel if rel.fork != 3 else -1, blkno // self._stripe)
+        shard = self._shard_cache.get(key)
+        if shard is None:
+            shard = shard_for(rel, blkno, self._shard_count, self._stripe)
+            if len(self._shard_cache) > 1 << 16:
+                self._shard_cache.clear()
+            self._shard_cache[key] = shard
+        return shard
+
+    # ------------------------------------------------------------ prefetch
+    def _prefetch_hit(self, bid: int, rel: RelTag, blkno: int, lsn: int, nms: int) -> bytes | None:
+        if not self._buffer._entries:  # racy peek: skip the lock when nothing is buffered
+            return None
+        page = self._buffer.take(rel, blkno, lsn, nms)
+        if page is None:
+            self._buffer.note_foreground(rel, blkno, lsn, nms)
+        return page
+
+    def _prefetch(self, be: Backend, rel: RelTag, blocks: list[int], lsn: int, nms: int,
+                  deadline: float) -> int:
+        todo = self._buffer.reserve(be.id, rel, blocks, lsn, nms)
+        if not todo:
+            return 0
+        by_shard: dict[int, list[int]] = {}
+        for b in todo:
+            by_shard.setdefault(self._shard_of(rel, b), []).append(b)
+        for shard, blks in by_shard.items():
+            for k in range(0, len(blks), MAX_BLOCKS_PER_REQUEST):
+                job = PrefetchJob(self._buffer, be.name, rel,
+                                  tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST]), lsn, nms,
+                                  deadline, shard)
+                key = next(self._prefetch_keys)
+                self._jobs[key] = job
+                if not be._push_key(shard, key):
+                    self._jobs.pop(key, None)
+                    job.fail(CommClosed("backend closed"))
+        return len(todo)
+
+    # ------------------------------------------------------------ introspection
+    def stats(self) -> dict[str, Any]:
+        """Per-shard queue depth, in flight and counters; prefetch counters; slots."""
+        shards = []
+        for shard, workers in enumerate(self._workers):
+            agg: dict[str, int] = {}
+            for w in workers:
+                for k, v in w.stats.as_dict().items():
+                    agg[k] = agg.get(k, 0) + v
+            shards.append({"shard": shard, "endpoint": self.config.shards[shard],
+                           "threads": len(workers), "connections": len(workers), **agg})
+        with self._lock:
+            backends = list(self._backends.values())
+        return {
+            "shards": shards,
+            "backends": len(backends),
+            "slots_in_use": sum(b.slots_in_use() for b in backends),
+            "connections": sum(len(w) for w in self._workers),
+            "prefetch": self._buffer.snapshot(),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+
+    def dump_inflight(self, older_than: float = 0.0) -> list[dict[str, Any]]:
+        """Requests on the wire for longer than ``older_than`` seconds, oldest first."""
+        now = time.monotonic()
+        out = []
+        for workers in self._workers:
+            for w in workers:
+                for job, sent in w.inflight_snapshot():
+                    age = now - sent
+                    if age >= older_than:
+                        out.append({**job.describe(), "worker": w.name, "age_s": round(age, 3)})
+        return sorted(out, key=lambda d: -d["age_s"])
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Communicator {self._uid} closed>"
+        parts = []
+        for s in self.stats()["shards"]:
+            parts.append(f"shard{s['shard']}: queued={s['queued']} inflight={s['inflight']} "
+                         f"completed={s['completed']} errors={s['errors']}")
+        return f"<Communicator {self._uid} {len(self._backends)} backends; {'; '.join(parts)}>"
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop the workers, fail pending calls with CommClosed, release everything.
+        Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            backends = list(self._backends.values())
+        self._stop_workers()
+        for be in backends:
+            be.close()
+        self._jobs.clear()
+        self._buffer.clear()
+        self._ctx.term()
+
+    def _stop_workers(self) -> None:
+        ctls = []
+        try:
+            for workers in self._workers:
+                for w in workers:
+                    if w.thread.is_alive():
+                        ctl = self._ctx.socket(zmq.PUSH)
+                        ctl.setsockopt(zmq.LINGER, 0)
+                        ctls.append(ctl)
+                        ctl.connect(w.pipe)
+                        ctl.send(STOP)
+            for workers in self._workers:
+                for w in workers:
+                    w.thread.join(10)
+        finally:
+            for ctl in ctls:
+                ctl.close(0)
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass

@@ -1,0 +1,95 @@
+"""Settings: one frozen dataclass; ``from_env()`` is the only reader of ``os.environ``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._errors import ConfigError
+
+ENV_PREFIX = "COMM_"
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """Tuning of one Communicator. docs/tuning.md explains what each value trades."""
+
+    shards: tuple[str, ...] = ()
+    stripe_size: int = 2048
+    threads_per_shard: int = 1
+    inflight_per_conn: int = 64
+    slots_per_backend: int = 16
+    prefetch_pages: int = 4096
+    request_timeout: float = 30.0
+    metrics_port: int | None = None
+    verify_checksums: bool = False
+    # not a COMM_* variable: the inproc pipes and sockets per Context
+    max_sockets: int = field(default=65536, repr=False)
+
+    def __post_init__(self) -> None:
+        _positive(self, "stripe_size", "COMM_STRIPE_SIZE", 1, 1 << 31)
+        _positive(self, "threads_per_shard", "COMM_THREADS_PER_SHARD", 1, 64)
+        _positive(self, "inflight_per_conn", "COMM_INFLIGHT_PER_CONN", 1, 65536)
+        _positive(self, "slots_per_backend", "COMM_SLOTS_PER_BACKEND", 1, 65535)
+        _positive(self, "prefetch_pages", "COMM_PREFETCH_PAGES", 0, 1 << 24)
+        t = self.request_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:
+            raise ConfigError(f"COMM_REQUEST_TIMEOUT (request_timeout) must be a number of "
+                              f"seconds in (0, 1e6), got {t!r}")
+        if self.metrics_port is not None:
+            _positive(self, "metrics_port", "COMM_METRICS_PORT", 0, 65535)
+        if not isinstance(self.shards, tuple) or not all(isinstance(s, str) and s
+                                                          for s in self.shards):
+            raise ConfigError(f"COMM_SHARDS (shards) must be a tuple of endpoint strings, "
+                              f"got {self.shards!r}")
+        if len(self.shards) > 255:
+            raise ConfigError(f"COMM_SHARDS lists {len(self.shards)} shards; at most 255")
+
+    def replace(self, **changes: object) -> CommConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> CommConfig:
+        """Build a config from ``COMM_*`` variables; keyword overrides win."""
+        env = os.environ if environ is None else environ
+        kw: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if not f.repr:
+                continue
+            name = ENV_PREFIX + f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            kw[f.name] = _parse(f.name, name, raw.strip())
+        kw.update(overrides)
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def _positive(cfg: CommConfig, attr: str, env: str, lo: int, hi: int) -> None:
+    v = getattr(cfg, attr)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{env} ({attr}) must be an integer in {lo}..{hi}, got {v!r}")
+
+
+def _parse(attr: str, env: str, raw: str) -> object:
+    try:
+        if attr == "shards":
+            eps = tuple(s.strip() for s in raw.split(",") if s.strip())
+            for ep in eps:
+                if "://" not in ep:
+                    raise ValueError(f"{ep!r} is not an endpoint like tcp://host:port")
+            return eps
+        if attr == "request_timeout":
+            return float(raw)
+        if attr == "verify_checksums":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        return int(raw, 10)
+    except ValueError as e:
+        raise ConfigError(f"{env}={raw!r} is invalid: {e}") from None

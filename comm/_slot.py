@@ -1,0 +1,141 @@
+"""A request slot: a small future shared by one backend and one shard worker.
+
+Theory of operation
+-------------------
+Each backend owns a fixed ring of slots. A slot is FREE in the backend's hands;
+``arm()`` fills in a request and makes it PENDING, and from then on the
+communicator owns it until a worker calls ``complete()`` or ``fail()`` exactly
+once (a second completion is an InvalidStateError: it would mean a reply was
+delivered twice). The waiter blocks on ``_done``, a plain lock used as a one-shot
+event: it is held while the slot is armed and released by the completer. A bare
+lock is CPython's cheapest blocking primitive (threading.Event adds a Condition
+and a second lock), and wakeups dominate this design's cost.
+
+A caller that stops waiting (timeout, cancel, backend closed) ``abandon()``s the
+slot: it stays out of the ring until the worker finishes with it (late reply,
+worker-side deadline, shutdown), which turns it FREE again; the backend then
+reclaims it. So a slot is never written by a worker while a backend reuses it.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+from typing import Any
+
+from ._errors import InvalidStateError
+
+
+class SlotState(IntEnum):
+    FREE = 0
+    PENDING = 1
+    DONE = 2
+    FAILED = 3
+    ABANDONED = 4
+
+
+class Slot:
+    """One request in flight. Fields other than the lock-guarded ones are written by
+    the backend before ``arm()`` and only read by the worker after."""
+
+    __slots__ = ("index", "key", "owner", "kind", "cls", "rel", "blocks", "lsn", "nms",
+                 "deadline", "attempt", "extra", "shard", "state", "result", "error",
+                 "_lock", "_done")
+
+    def __init__(self, index: int, key: int, owner: str) -> None:
+        self.index = index
+        self.key = key
+        self.owner = owner  # backend name, for diagnostics
+        self.kind = 0
+        self.cls = 0
+        self.rel: Any = None
+        self.blocks: tuple[int, ...] = ()
+        self.lsn = 0
+        self.nms = 0
+        self.deadline = 0.0
+        self.attempt = 0
+        self.extra: Any = None  # allow_missing / db / (slru_kind, segno)
+        self.shard = 0
+        # _lock guards: state, result, error (and the release of _done)
+        self._lock = threading.Lock()
+        self.state = SlotState.FREE
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # held while no completion is pending
+
+    def arm(self, kind: int, cls: int, rel: Any, blocks: tuple[int, ...], lsn: int, nms: int,
+            deadline: float, shard: int, extra: Any = None) -> None:
+        if self.state != SlotState.FREE:
+            raise InvalidStateError(f"slot {self.key:#x} armed while {self.state.name}")
+        self.kind, self.cls, self.rel, self.blocks = kind, cls, rel, blocks
+        self.lsn, self.nms, self.deadline, self.shard = lsn, nms, deadline, shard
+        self.extra = extra
+        self.attempt = 0
+        self.result = self.error = None
+        self.state = SlotState.PENDING
+
+    def is_live(self) -> bool:
+        return self.state == SlotState.PENDING
+
+    def complete(self, result: Any) -> bool:
+        """Deliver a result; False if nobody waits any more (the slot is reclaimed)."""
+        return self._finish(SlotState.DONE, result, None)
+
+    def fail(self, error: BaseException) -> bool:
+        return self._finish(SlotState.FAILED, None, error)
+
+    def _finish(self, state: SlotState, result: Any, error: BaseException | None) -> bool:
+        with self._lock:
+            if self.state == SlotState.PENDING:
+                self.state, self.result, self.error = state, result, error
+                self._done.release()
+                return True
+            if self.state == SlotState.ABANDONED:
+                self.state = SlotState.FREE  # the backend reclaims it from its orphan list
+                return False
+            raise InvalidStateError(f"slot {self.key:#x} completed twice (state "
+                                    f"{self.state.name})")
+
+    def wait(self, timeout: float) -> bool:
+        """Block until completion or ``timeout`` seconds; True if completed."""
+        return self._done.acquire(True, max(timeout, 0.0))
+
+    def abandon(self) -> bool:
+        """Give up waiting. True if abandoned; False if it completed meanwhile (then its
+        result is ready and ``_done`` has been re-taken)."""
+        with self._lock:
+            if self.state == SlotState.PENDING:
+                self.state = SlotState.ABANDONED
+                return True
+        self._done.acquire()  # released by the completer under _lock: never blocks
+        return False
+
+    def cancel(self, error: BaseException) -> bool:
+        """Wake the waiter with ``error`` (from another thread). The slot stays
+        ABANDONED until the worker lets go of it."""
+        with self._lock:
+            if self.state != SlotState.PENDING:
+                return False
+            self.state, self.error = SlotState.ABANDONED, error
+            self._done.release()
+            return True
+
+    def take(self) -> Any:
+        """Hand the outcome to the backend and make the slot FREE again."""
+        state, result, error = self.state, self.result, self.error
+        self.result = self.error = None
+        self.rel = None
+        self.state = SlotState.FREE
+        if state == SlotState.DONE:
+            return result
+        if state == SlotState.FAILED:
+            assert error is not None
+            raise error
+        raise InvalidStateError(f"slot {self.key:#x} taken while {state.name}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"owner": self.owner, "slot": self.index, "state": self.state.name,
+                "kind": self.kind, "shard": self.shard, "rel": str(self.rel),
+                "blocks": list(self.blocks), "lsn": self.lsn, "nms": self.nms,
+                "attempt": self.attempt}

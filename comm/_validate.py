@@ -1,0 +1,71 @@
+"""Argument checks done in the caller's thread before anything is sent.
+Every failure is an InvalidRequest that names the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from shards import MAX_BLOCKNO, RelTag, check_reltag
+
+from ._errors import InvalidRequest
+
+MAX_LSN = 0xFFFFFFFFFFFFFFFF
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidRequest(f"{name} must be an int, got {type(value).__name__}")
+    return value.__index__()
+
+
+def check_rel(rel: Any) -> RelTag:
+    try:
+        return check_reltag(rel)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"rel: {e}") from None
+
+
+def check_block(blkno: Any, name: str = "blkno") -> int:
+    b = blkno if type(blkno) is int else _int(blkno, name)
+    if not 0 <= b <= MAX_BLOCKNO:
+        raise InvalidRequest(f"{name}={b} is outside 0..{MAX_BLOCKNO}")
+    return b
+
+
+def check_blocks(blocks: Any) -> list[int]:
+    if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+        raise InvalidRequest(f"blocks must be an iterable of ints, got {type(blocks).__name__}")
+    out = [check_block(b, "blocks[%d]" % i) for i, b in enumerate(blocks)]
+    return out
+
+
+def check_lsns(lsn: Any, nms: Any) -> tuple[int, int]:
+    lsn_i = lsn if type(lsn) is int else _int(lsn, "lsn")
+    if not 0 <= lsn_i <= MAX_LSN:
+        raise InvalidRequest(f"lsn={lsn_i} is outside 0..2**64-1")
+    if nms is None:
+        return lsn_i, lsn_i
+    nms_i = nms if type(nms) is int else _int(nms, "not_modified_since")
+    if not 0 <= nms_i <= lsn_i:
+        raise InvalidRequest(f"not_modified_since={nms_i:#x} must be between 0 and "
+                             f"lsn={lsn_i:#x}")
+    return lsn_i, nms_i
+
+
+def check_timeout(timeout: Any, default: float) -> float:
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidRequest(f"timeout must be a number of seconds, got "
+                             f"{type(timeout).__name__}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise InvalidRequest(f"timeout={timeout!r} must be a positive finite number of seconds")
+    return float(timeout)
+
+
+def check_u32(value: Any, name: str) -> int:
+    v = _int(value, name)
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise InvalidRequest(f"{name}={v} is outside 0..{0xFFFFFFFF}")
+    return v

@@ -1,0 +1,339 @@
+"""A shard worker: one OS thread of a shard's fixed pool.
+
+Theory of operation
+-------------------
+The worker owns two sockets, both created in its own thread: the PULL end of its
+pipe (backends PUSH 8-byte job keys into it; the job itself waits in the
+communicator's job table) and one DEALER connection to its shard's page server.
+Each loop iteration polls once, then drains everything ready on both sockets:
+every arrived job goes straight onto the wire while the in-flight window has
+room, otherwise into a SortedList ordered by (class, arrival), so foreground
+reads always leave before prefetches. Replies are matched by request id, then
+checked against the request they claim to answer; a mismatch is never delivered.
+
+Wakeups are the main cost on this platform, so the worker never sleeps while it
+has something to do, handles whole bursts per wakeup, and completes slots
+directly (the waiting backend is the only other thread woken per request).
+Deadlines are enforced here too (a slot whose caller gave up is released by the
+worker when its reply arrives or its deadline passes), so no slot is held forever.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+from sortedcontainers import SortedList
+
+from shards import verify_page_checksum
+from shards.protocol import (
+    DbSizeRequest,
+    Kind,
+    ProtocolError,
+    RelSizeRequest,
+    SlruSegmentRequest,
+    Status,
+    decode_reply,
+    encode_get_pages,
+    encode_request,
+)
+
+from ._errors import CommClosed, RequestTimeout, ShardUnavailable
+from ._outcome import error_for, mismatch, result_of
+
+log = logging.getLogger(__name__)
+
+STOP = b""  # pipe message that stops a worker
+_SWEEP_INTERVAL = 0.02
+_RETRY_BASE = 0.002
+_RETRY_CAP = 0.5
+
+
+class WorkerStats:
+    """Counters written only by the worker thread; read (racily, that is fine) by stats()."""
+
+    __slots__ = ("queued", "inflight", "sent", "completed", "errors", "timeouts", "retries",
+                 "stale_replies", "bad_replies", "resets", "pages")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class ShardWorker:
+    """One thread, one pipe, one connection. Created and started by the Communicator."""
+
+    def __init__(self, ctx: zmq.Context, jobs: dict[int, Any], shard: int, index: int,
+                 server: str, pipe: str, *, window: int, verify: bool) -> None:
+        self.ctx, self.jobs, self.shard, self.index = ctx, jobs, shard, index
+        self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
+        self.name = f"comm-shard{shard}-w{index}"
+        self.stats = WorkerStats()
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        # below: touched only by the worker thread
+        self._queue: SortedList = SortedList()
+        self._inflight: dict[int, tuple[Any, float]] = {}  # request id -> (job, sent at)
+        self._delayed: list[tuple[float, int, Any]] = []  # heap of (due, seq, job): retries
+        self._seq = itertools.count()
+        self._rid = itertools.count(1)
+        self._dealer: zmq.Socket | None = None
+        self._blocked = False  # the DEALER refused a send (no peer): wait for POLLOUT
+        self._stopping = False
+
+    # ------------------------------------------------------------ thread body
+    def start(self) -> None:
+        self.thread.start()
+        if not self.ready.wait(10) or self.startup_error is not None:
+            raise CommClosed(f"{self.name} failed to start: {self.startup_error}")
+
+    def _run(self) -> None:
+        try:
+            pull = self.ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.setsockopt(zmq.RCVHWM, 0)
+            pull.bind(self.pipe)
+            self._dealer = self._connect()
+        except zmq.ZMQError as e:
+            self.startup_error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        try:
+            self._loop(pull, poller)
+        except zmq.ZMQError as e:  # the context was torn down under us
+            log.error("%s: stopping on ZeroMQ error: %s", self.name, e)
+        finally:
+            self._fail_everything(pull)
+            pull.close(0)
+            if self._dealer is not None:
+                self._dealer.close(0)
+
+    def _connect(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # refuse sends while not connected: keep them queued here
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 1)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.connect(self.server)
+        return s
+
+    def _loop(self, pull: zmq.Socket, poller: zmq.Poller) -> None:
+        dealer = self._dealer
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while not self._stopping:
+            busy = self._inflight or self._queue or self._delayed
+            for sock, _ in poller.poll(_SWEEP_INTERVAL * 1000 if busy else None):
+                if sock is pull:
+                    self._drain_pipe(pull)
+                else:
+                    self._drain_replies()
+            if self._blocked and dealer is not None and dealer.poll(0, zmq.POLLOUT):
+                self._blocked = False
+            now = time.monotonic()
+            if self._delayed and self._delayed[0][0] <= now:
+                self._release_delayed(now)
+            self._pump()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + _SWEEP_INTERVAL
+            self.stats.queued = len(self._queue) + len(self._delayed)
+            self.stats.inflight = len(self._inflight)
+            if dealer is not self._dealer:  # connection was reset
+                poller.unregister(dealer)
+                dealer = self._dealer
+                poller.register(dealer, zmq.POLLIN)
+
+    # ------------------------------------------------------------ intake
+    def _drain_pipe(self, pull: zmq.Socket) -> None:
+        jobs = self.jobs
+        while True:
+            try:
+                key = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if key == STOP:
+                self._stopping = True
+                return
+            job = jobs.pop(int.from_bytes(key, "little"), None)
+            if job is None:
+                continue
+            if not job.is_live():
+                job.fail(CommClosed("abandoned before it was sent"))  # releases it
+                continue
+            if not self._queue and not self._blocked and len(self._inflight) < self.window:
+                self._send(job)
+            else:
+                self._queue.add((job.cls, next(self._seq), job))
+
+    def _pump(self) -> None:
+        q = self._queue
+        while q and not self._blocked and len(self._inflight) < self.window:
+            job = q.pop(0)[2]
+            if job.is_live():
+                self._send(job)
+            else:
+                job.fail(CommClosed("abandoned before it was sent"))
+
+    def _send(self, job: Any) -> None:
+        rid = next(self._rid)
+        if job.kind == Kind.GET_PAGES:
+            frame = encode_get_pages(rid, job.attempt, job.cls, job.lsn, job.nms, job.rel,
+                                     job.blocks)
+        else:
+            frame = self._encode_other(rid, job)
+        assert self._dealer is not None
+        try:
+            self._dealer.send(frame, zmq.NOBLOCK)
+        except zmq.Again:  # not connected (IMMEDIATE): keep it, wait until writable
+            self._blocked = True
+            self._queue.add((job.cls, next(self._seq), job))
+            return
+        self._inflight[rid] = (job, time.monotonic())
+        self.stats.sent += 1
+
+    @staticmethod
+    def _encode_other(rid: int, job: Any) -> bytes:
+        common = (rid, job.attempt, job.cls, job.lsn, job.nms)
+        if job.kind == Kind.REL_SIZE:
+            req: Any = RelSizeRequest(*common, job.rel, job.extra)
+        elif job.kind == Kind.DB_SIZE:
+            req = DbSizeRequest(*common, job.extra)
+        else:
+            req = SlruSegmentRequest(*common, *job.extra)
+        return encode_request(req)[0]
+
+    # ------------------------------------------------------------ replies
+    def _drain_replies(self) -> None:
+        dealer = self._dealer
+        assert dealer is not None
+        while dealer is self._dealer:
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_reply(frames)
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            rep = decode_reply(frames)
+        except ProtocolError as e:
+            self.stats.bad_replies += 1
+            self._reset(f"malformed reply: {e}")
+            return
+        entry = self._inflight.pop(rep.id, None)
+        if entry is None:  # answer to a request we already timed out or reset
+            self.stats.stale_replies += 1
+            return
+        job = entry[0]
+        why = mismatch(job, rep)
+        if why is not None:
+            self.stats.bad_replies += 1
+            job.fail(ShardUnavailable(f"shard {self.shard}: {why}"))
+            self._reset(f"reply does not match its request: {why}")
+            return
+        if rep.status == Status.OK:
+            self._complete_ok(job, rep)
+        elif rep.status == Status.SLOW_DOWN and self._retry(job):
+            return
+        else:
+            self.stats.errors += 1
+            job.fail(error_for(job, rep))
+
+    def _complete_ok(self, job: Any, rep: Any) -> None:
+        result = result_of(rep)
+        if self.verify and job.kind == Kind.GET_PAGES:
+            for blk, page in zip(job.blocks, result):
+                if not verify_page_checksum(page, blk):
+                    self.stats.bad_replies += 1
+                    self.stats.errors += 1
+                    job.fail(ShardUnavailable(f"shard {self.shard}: page {job.rel} block {blk} "
+                                              f"fails its checksum"))
+                    return
+        self.stats.completed += 1
+        self.stats.pages += len(job.blocks)
+        job.complete(result)
+
+    def _retry(self, job: Any) -> bool:
+        """Schedule another attempt with capped exponential backoff, if the deadline allows."""
+        delay = min(_RETRY_CAP, _RETRY_BASE * (2 ** job.attempt))
+        due = time.monotonic() + delay
+        if due >= job.deadline or not job.is_live():
+            return False
+        job.attempt += 1
+        self.stats.retries += 1
+        heapq.heappush(self._delayed, (due, next(self._seq), job))
+        return True
+
+    def _release_delayed(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            job = heapq.heappop(self._delayed)[2]
+            self._queue.add((job.cls, next(self._seq), job))
+
+    def _reset(self, why: str) -> None:
+        """Drop the connection and everything in flight on it (a fresh DEALER gets a
+        fresh server-side identity, so nothing late from the old one can arrive)."""
+        log.warning("%s: resetting connection to %s: %s", self.name, self.server, why)
+        self.stats.resets += 1
+        inflight, self._inflight = self._inflight, {}
+        for job, _ in inflight.values():
+            if not self._retry(job):
+                job.fail(ShardUnavailable(f"shard {self.shard}: connection reset ({why})"))
+        if self._dealer is not None:
+            self._dealer.close(0)
+        self._dealer = self._connect()
+        self._blocked = False
+
+    # ------------------------------------------------------------ deadlines, shutdown
+    def _sweep(self, now: float) -> None:
+        expired = [rid for rid, (job, _) in self._inflight.items() if job.deadline <= now]
+        for rid in expired:
+            job = self._inflight.pop(rid)[0]
+            self._timeout(job)
+        if self._queue:
+            dead = [e for e in self._queue if e[2].deadline <= now or not e[2].is_live()]
+            for e in dead:
+                self._queue.remove(e)
+                self._timeout(e[2])
+
+    def _timeout(self, job: Any) -> None:
+        self.stats.timeouts += 1
+        job.fail(RequestTimeout(f"shard {self.shard} did not answer {Kind(job.kind).name} "
+                                f"{job.rel} {list(job.blocks)} at lsn {job.lsn:#x} before the "
+                                f"deadline (attempt {job.attempt})"))
+
+    def _fail_everything(self, pull: zmq.Socket) -> None:
+        err = CommClosed("the communicator is closed")
+        while True:  # jobs pushed but not yet received
+            try:
+                key = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            job = self.jobs.pop(int.from_bytes(key, "little"), None) if key else None
+            if job is not None:
+                job.fail(err)
+        pending = [e[2] for e in self._queue] + [j for j, _ in self._inflight.values()]
+        pending += [e[2] for e in self._delayed]
+        self._queue.clear()
+        self._inflight.clear()
+        self._delayed.clear()
+        for job in pending:
+            job.fail(err)
+
+    def inflight_snapshot(self) -> list[tuple[Any, float]]:
+        """(job, sent at) pairs; a racy copy for diagnostics."""
+        return list(self._inflight.values())

@@ -1,0 +1,217 @@
+"""The shared prefetch buffer: pages fetched ahead of need, for any backend.
+
+Theory of operation
+-------------------
+Entries are keyed by (rel, block) and remember the LSN range they were fetched
+for, ``[nms, lsn]``. A page fetched for [nms_a, lsn_a] may serve a read for
+[nms_b, lsn_b] iff nms_b <= lsn_a and nms_a <= lsn_b: both ranges then contain a
+common LSN at which the page did not change, so both readers would get the same
+version. An entry is PENDING from ``reserve()`` until the worker ``fill()``s it
+(READY) or ``discard()``s it (failed fetch). A read that hits a READY entry takes
+the page in the caller's thread, with no thread hop and no network request, and
+the entry is marked consumed (first to go when space is needed).
+
+Fairness: every backend that owns entries gets an equal share of the capacity.
+To make room, the buffer drops a consumed entry first, then the oldest entry of
+the backend most over its share, and a backend may not reserve past its share
+when others are waiting on theirs (back-pressure: the prefetch is dropped and
+counted). One fast scan therefore cannot flush a slow scan's unread pages.
+
+One lock guards everything; the critical sections are dictionary operations.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+PENDING = 0
+READY = 1
+
+
+class _Entry:
+    __slots__ = ("state", "lsn", "nms", "page", "owner", "consumed")
+
+    def __init__(self, owner: int, lsn: int, nms: int) -> None:
+        self.state = PENDING
+        self.lsn, self.nms = lsn, nms
+        self.page: bytes | None = None
+        self.owner = owner
+        self.consumed = False
+
+
+def ranges_overlap(nms_a: int, lsn_a: int, nms_b: int, lsn_b: int) -> bool:
+    """Whether a page read for [nms_a, lsn_a] is also right for [nms_b, lsn_b]."""
+    return nms_b <= lsn_a and nms_a <= lsn_b
+
+
+@dataclass
+class PrefetchCounters:
+    issued: int = 0        # pages reserved and sent to a page server
+    deduplicated: int = 0  # prefetch asks for a page already buffered or in flight
+    hits: int = 0          # reads served from the buffer
+    wasted: int = 0        # evicted or invalidated before anyone read them
+    dropped: int = 0       # refused for lack of room (back-pressure)
+    late: int = 0          # arrived after the page had been read in the foreground
+    failed: int = 0        # the page server could not deliver
+
+
+class PrefetchBuffer:
+    """Bounded, shared, LSN-aware page buffer with per-backend fair shares."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        # _lock guards: _entries, _by_owner, _consumed, counters
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, int], _Entry] = {}
+        self._by_owner: dict[int, OrderedDict[tuple[Any, int], None]] = {}
+        self._consumed: OrderedDict[tuple[Any, int], None] = OrderedDict()
+        self.counters = PrefetchCounters()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------ readers
+    def take(self, rel: Any, blk: int, lsn: int, nms: int) -> bytes | None:
+        """The buffered page for this read, or None. Called in the reader's thread."""
+        key = (rel, blk)
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.state != READY or not ranges_overlap(e.nms, e.lsn, nms, lsn):
+                return None
+            self.counters.hits += 1
+            self._consume(key, e)
+            return e.page
+
+    def note_foreground(self, rel: Any, blk: int, lsn: int, nms: int) -> None:
+        """A foreground read went to the server: a prefetch for it arriving later is late."""
+        key = (rel, blk)
+        if key not in self._entries:  # racy peek: the common case needs no lock
+            return
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and e.state == PENDING and ranges_overlap(e.nms, e.lsn, nms, lsn):
+                self._consume(key, e)
+
+    # ------------------------------------------------------------ prefetchers
+    def reserve(self, owner: int, rel: Any, blocks: list[int], lsn: int, nms: int) -> list[int]:
+        """Reserve PENDING entries for ``blocks``; returns the blocks to fetch now."""
+        out = []
+        with self._lock:
+            c = self.counters
+            for blk in blocks:
+                key = (rel, blk)
+                e = self._entries.get(key)
+                if e is not None:
+                    if ranges_overlap(e.nms, e.lsn, nms, lsn):
+                        c.deduplicated += 1
+                        continue
+                    if e.state == PENDING:  # another LSN's fetch in flight: leave it be
+                        c.dropped += 1
+                        continue
+                    self._remove(key, e)
+                if not self._make_room(owner):
+                    c.dropped += 1
+                    continue
+                self._entries[key] = _Entry(owner, lsn, nms)
+                self._by_owner.setdefault(owner, OrderedDict())[key] = None
+                c.issued += 1
+                out.append(blk)
+        return out
+
+    def fill(self, rel: Any, blk: int, lsn: int, page: bytes) -> None:
+        """A prefetched page arrived (worker thread)."""
+        with self._lock:
+            e = self._entries.get((rel, blk))
+            if e is None or e.state != PENDING or e.lsn != lsn:
+                return
+            e.state, e.page = READY, page
+            if e.consumed:  # read in the foreground meanwhile
+                self.counters.late += 1
+
+    def discard(self, rel: Any, blk: int, lsn: int) -> None:
+        """A prefetch failed: forget the reservation."""
+        with self._lock:
+            key = (rel, blk)
+            e = self._entries.get(key)
+            if e is not None and e.state == PENDING and e.lsn == lsn:
+                self.counters.failed += 1
+                self._remove(key, e)
+
+    def forget_owner(self, owner: int) -> None:
+        """A backend left: its unread pages stay (others may read them) but count for
+        nobody's share; they are evicted first."""
+        with self._lock:
+            keys = self._by_owner.pop(owner, None)
+            if keys:
+                orphan = self._by_owner.setdefault(-1, OrderedDict())
+                for k in keys:
+                    self._entries[k].owner = -1
+                    orphan[k] = None
+
+    def clear(self) -> None:
+        with self._lock:
+            for key, e in list(self._entries.items()):
+                self._remove(key, e)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            d = dict(vars(self.counters))
+            d["buffered"] = len(self._entries)
+            d["capacity"] = self.capacity
+            d["owners"] = sum(1 for o in self._by_owner.values() if o)
+            return d
+
+    # ------------------------------------------------------------ eviction (under _lock)
+    def _remove(self, key: tuple[Any, int], e: _Entry) -> None:
+        del self._entries[key]
+        if e.consumed:
+            self._consumed.pop(key, None)
+            return
+        if e.state == READY:
+            self.counters.wasted += 1
+        self._disown(key, e)
+
+    def _disown(self, key: tuple[Any, int], e: _Entry) -> None:
+        owned = self._by_owner.get(e.owner)
+        if owned is not None:
+            owned.pop(key, None)
+            if not owned:
+                del self._by_owner[e.owner]
+
+    def _consume(self, key: tuple[Any, int], e: _Entry) -> None:
+        if not e.consumed:
+            e.consumed = True
+            self._disown(key, e)
+            self._consumed[key] = None
+
+    def _make_room(self, owner: int) -> bool:
+        if self.capacity <= 0:
+            return False
+        if len(self._entries) < self.capacity:
+            return True
+        if self._consumed:
+            key = next(iter(self._consumed))
+            self._remove(key, self._entries[key])
+            return True
+        if -1 in self._by_owner:  # pages of backends that left
+            return self._evict_oldest(-1)
+        active = [o for o, keys in self._by_owner.items() if keys]
+        share = self.capacity // max(1, len(active) + (owner not in self._by_owner))
+        victim = max(active, key=lambda o: len(self._by_owner[o]))
+        if len(self._by_owner[victim]) <= share and victim != owner:
+            return False  # nobody is over their share: back-pressure on the asker
+        if victim != owner and len(self._by_owner.get(owner, ())) >= share:
+            return False  # the asker is at its share already
+        return self._evict_oldest(victim)
+
+    def _evict_oldest(self, owner: int) -> bool:
+        keys = self._by_owner[owner]
+        for key in keys:
+            e = self._entries[key]
+            if e.state == READY:
+                self._remove(key, e)
+                return True
+        return False  # only in-flight entries: cannot evict those
