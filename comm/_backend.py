@@ -29,6 +29,7 @@ from shards.protocol import Kind, RequestClass, SlruKind
 
 from ._errors import Cancelled, CommClosed, InvalidRequest, RequestTimeout
 from ._slot import Slot, SlotState
+from ._worker import DOORBELL
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class Backend:
         # _lock guards: _push (the sockets) and _closed; held while sending so that a
         # close() from another thread never closes a socket in use
         self._lock = threading.Lock()
-        self._push: dict[int, zmq.Socket] = {}
+        self._push: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH
         self._closed = False
 
     # ------------------------------------------------------------ public API
@@ -242,28 +243,27 @@ class Backend:
                 raise CommClosed(f"{self.name} is closed")
             time.sleep(0.001)  # rare: only after timeouts/cancels; the worker frees them
 
-    def _push_key(self, shard: int, key: int) -> bool:
-        """Push a job key into ``shard``'s pipe; False if this backend is closed."""
+    def _submit(self, job: Any) -> None:
+        """Hand a job to a worker of its shard: append to its inbox, and ring its
+        doorbell only if it may be sleeping (see comm/_worker.py)."""
+        workers = self._comm._workers[job.shard]
+        w = workers[self.id % len(workers)]
+        w.inbox.append(job)
+        if w.idle and not self._ring(w):
+            raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
+
+    def _ring(self, w: Any) -> bool:
         with self._lock:
             if self._closed:
                 return False
-            sock = self._push.get(shard)
+            sock = self._push.get(w.pipe)
             if sock is None:
-                sock = self._push[shard] = self._comm._open_pipe(shard)
+                sock = self._push[w.pipe] = self._comm._open_pipe(w.pipe)
             try:
-                sock.send(key.to_bytes(8, "little"), zmq.NOBLOCK)
+                sock.send(DOORBELL, zmq.NOBLOCK)
             except zmq.ZMQError:
                 return False
             return True
-
-    def _submit(self, slot: Slot) -> None:
-        self._comm._jobs[slot.key] = slot
-        if self._push_key(slot.shard, slot.key):
-            return
-        self._comm._jobs.pop(slot.key, None)
-        slot.state = SlotState.FREE
-        self._free.append(slot.index)
-        raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
 
     def _wait(self, slot: Slot, deadline: float) -> Any:
         if not slot.wait(deadline - time.monotonic()) and slot.abandon():

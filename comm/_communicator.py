@@ -90,8 +90,6 @@ class Communicator:
         self._shard_count = len(cfg.shards)
         self._stripe = cfg.stripe_size
         self._shard_cache: dict[tuple[int, int], int] = {}
-        self._jobs: dict[int, Any] = {}  # key -> job; written by backends, popped by workers
-        self._prefetch_keys = itertools.count(1 << 62)
         self._buffer = PrefetchBuffer(cfg.prefetch_pages)
         # _lock guards: _backends, _next_bid, _closed, _control
         self._lock = threading.Lock()
@@ -117,7 +115,7 @@ class Communicator:
         return cls(config=CommConfig.from_env(**overrides))
 
     def _start_worker(self, shard: int, k: int, endpoint: str) -> ShardWorker:
-        w = ShardWorker(self._ctx, self._jobs, shard, k, endpoint,
+        w = ShardWorker(self._ctx, shard, k, endpoint,
                         f"inproc://pagecomm-{self._uid}-s{shard}-w{k}",
                         window=self.config.inflight_per_conn,
                         verify=self.config.verify_checksums)
@@ -143,13 +141,12 @@ class Communicator:
             self._backends.pop(be.id, None)
         self._buffer.forget_owner(be.id)
 
-    def _open_pipe(self, shard: int) -> zmq.Socket:
-        """A PUSH socket for the calling thread, connected to every worker of ``shard``."""
+    def _open_pipe(self, pipe: str) -> zmq.Socket:
+        """A PUSH socket for the calling thread, connected to one worker's pipe."""
         s = self._ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 0)  # bounded by the slot ring, never by the pipe
-        for w in self._workers[shard]:
-            s.connect(w.pipe)
+        s.setsockopt(zmq.SNDHWM, 0)  # doorbells only; bounded by the slot ring
+        s.connect(pipe)
         return s
 
     def _shard_of(self, rel: RelTag, blkno: int) -> int:
@@ -186,11 +183,7 @@ class Communicator:
                 job = PrefetchJob(self._buffer, be.name, rel,
                                   tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST]), lsn, nms,
                                   deadline, shard)
-                key = next(self._prefetch_keys)
-                self._jobs[key] = job
-                if not be._push_key(shard, key):
-                    self._jobs.pop(key, None)
-                    job.fail(CommClosed("backend closed"))
+                be._submit(job)
         return len(todo)
 
     # ------------------------------------------------------------ introspection
@@ -248,7 +241,6 @@ class Communicator:
         self._stop_workers()
         for be in backends:
             be.close()
-        self._jobs.clear()
         self._buffer.clear()
         self._ctx.term()
 

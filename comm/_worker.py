@@ -3,12 +3,17 @@
 Theory of operation
 -------------------
 The worker owns two sockets, both created in its own thread: the PULL end of its
-pipe (backends PUSH 8-byte job keys into it; the job itself waits in the
-communicator's job table) and one DEALER connection to its shard's page server.
-Each loop iteration polls once, then drains everything ready on both sockets:
-every arrived job goes straight onto the wire while the in-flight window has
-room, otherwise into a SortedList ordered by (class, arrival), so foreground
-reads always leave before prefetches. Replies are matched by request id, then
+pipe and one DEALER connection to its shard's page server. Backends append jobs
+(slots, prefetch requests) to the worker's ``inbox`` deque and ring the pipe only
+when the worker is about to sleep (``idle``): a doorbell. pyzmq releases the GIL
+in every socket call, so each avoided call is an avoided GIL hand-off; under load
+the worker never sleeps and the backends never touch a socket. The race is
+closed by ordering: a backend appends, then reads ``idle``; the worker sets
+``idle``, then re-reads the inbox; one of the two always sees the other.
+
+Each loop iteration takes the whole inbox: every job goes straight onto the
+wire while the in-flight window has room, otherwise into a SortedList ordered by
+(class, arrival), so foreground reads always leave before prefetches. Replies are matched by request id, then
 checked against the request they claim to answer; a mismatch is never delivered.
 
 Wakeups are the main cost on this platform, so the worker never sleeps while it
@@ -20,6 +25,7 @@ worker when its reply arrives or its deadline passes), so no slot is held foreve
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -49,6 +55,7 @@ from ._outcome import error_for, mismatch, result_of
 log = logging.getLogger(__name__)
 
 STOP = b""  # pipe message that stops a worker
+DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
 _RETRY_CAP = 0.5
@@ -71,15 +78,18 @@ class WorkerStats:
 class ShardWorker:
     """One thread, one pipe, one connection. Created and started by the Communicator."""
 
-    def __init__(self, ctx: zmq.Context, jobs: dict[int, Any], shard: int, index: int,
-                 server: str, pipe: str, *, window: int, verify: bool) -> None:
-        self.ctx, self.jobs, self.shard, self.index = ctx, jobs, shard, index
+    def __init__(self, ctx: zmq.Context, shard: int, index: int, server: str, pipe: str, *,
+                 window: int, verify: bool) -> None:
+        self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self.name = f"comm-shard{shard}-w{index}"
         self.stats = WorkerStats()
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        # shared with backends, no lock: deque append/popleft and a bool store are atomic
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.idle = False  # True while the worker may block in poll: ring the doorbell
         # below: touched only by the worker thread
         self._queue: SortedList = SortedList()
         self._inflight: dict[int, tuple[Any, float]] = {}  # request id -> (job, sent at)
@@ -134,20 +144,28 @@ class ShardWorker:
 
     def _loop(self, pull: zmq.Socket, poller: zmq.Poller) -> None:
         dealer = self._dealer
+        inbox = self.inbox
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while not self._stopping:
+            if inbox:
+                self._take_inbox()
+            self._pump()
             busy = self._inflight or self._queue or self._delayed
-            for sock, _ in poller.poll(_SWEEP_INTERVAL * 1000 if busy else None):
+            timeout: float | None = _SWEEP_INTERVAL * 1000 if busy else None
+            self.idle = True
+            if inbox:  # arrived after the last take: don't sleep
+                timeout = 0
+            for sock, _ in poller.poll(timeout):
                 if sock is pull:
                     self._drain_pipe(pull)
                 else:
                     self._drain_replies()
-            if self._blocked and dealer is not None and dealer.poll(0, zmq.POLLOUT):
+            self.idle = False
+            if self._blocked and self._dealer is not None and self._dealer.poll(0, zmq.POLLOUT):
                 self._blocked = False
             now = time.monotonic()
             if self._delayed and self._delayed[0][0] <= now:
                 self._release_delayed(now)
-            self._pump()
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + _SWEEP_INTERVAL
@@ -160,25 +178,25 @@ class ShardWorker:
 
     # ------------------------------------------------------------ intake
     def _drain_pipe(self, pull: zmq.Socket) -> None:
-        jobs = self.jobs
-        while True:
+        while True:  # doorbells carry no data: the jobs are in the inbox
             try:
-                key = pull.recv(zmq.NOBLOCK)
+                msg = pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if key == STOP:
+            if msg == STOP:
                 self._stopping = True
                 return
-            job = jobs.pop(int.from_bytes(key, "little"), None)
-            if job is None:
-                continue
+
+    def _take_inbox(self) -> None:
+        inbox, queue = self.inbox, self._queue
+        while inbox:
+            job = inbox.popleft()
             if not job.is_live():
                 job.fail(CommClosed("abandoned before it was sent"))  # releases it
-                continue
-            if not self._queue and not self._blocked and len(self._inflight) < self.window:
+            elif not queue and not self._blocked and len(self._inflight) < self.window:
                 self._send(job)
             else:
-                self._queue.add((job.cls, next(self._seq), job))
+                queue.add((job.cls, next(self._seq), job))
 
     def _pump(self) -> None:
         q = self._queue
@@ -318,15 +336,9 @@ class ShardWorker:
 
     def _fail_everything(self, pull: zmq.Socket) -> None:
         err = CommClosed("the communicator is closed")
-        while True:  # jobs pushed but not yet received
-            try:
-                key = pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            job = self.jobs.pop(int.from_bytes(key, "little"), None) if key else None
-            if job is not None:
-                job.fail(err)
-        pending = [e[2] for e in self._queue] + [j for j, _ in self._inflight.values()]
+        pending = list(self.inbox)
+        self.inbox.clear()
+        pending += [e[2] for e in self._queue] + [j for j, _ in self._inflight.values()]
         pending += [e[2] for e in self._delayed]
         self._queue.clear()
         self._inflight.clear()

@@ -160,6 +160,7 @@ class PrefetchBuffer:
         with self._lock:
             d = dict(vars(self.counters))
             d["buffered"] = len(self._entries)
+            d["pending"] = sum(1 for e in self._entries.values() if e.state == PENDING)
             d["capacity"] = self.capacity
             d["owners"] = sum(1 for o in self._by_owner.values() if o)
             return d

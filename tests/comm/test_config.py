@@ -1,0 +1,44 @@
+import pytest
+
+from comm import CommConfig, ConfigError
+
+
+def test_defaults_are_valid():
+    cfg = CommConfig()
+    assert cfg.stripe_size == 2048 and cfg.threads_per_shard >= 1
+
+
+def test_from_env_reads_every_variable():
+    env = {"COMM_SHARDS": "tcp://127.0.0.1:1, tcp://127.0.0.1:2", "COMM_STRIPE_SIZE": "16",
+           "COMM_THREADS_PER_SHARD": "2", "COMM_INFLIGHT_PER_CONN": "8",
+           "COMM_SLOTS_PER_BACKEND": "4", "COMM_PREFETCH_PAGES": "100",
+           "COMM_REQUEST_TIMEOUT": "2.5", "COMM_METRICS_PORT": "0",
+           "COMM_VERIFY_CHECKSUMS": "yes", "UNRELATED": "x"}
+    cfg = CommConfig.from_env(env)
+    assert cfg.shards == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    assert (cfg.stripe_size, cfg.threads_per_shard, cfg.inflight_per_conn) == (16, 2, 8)
+    assert (cfg.slots_per_backend, cfg.prefetch_pages) == (4, 100)
+    assert cfg.request_timeout == 2.5 and cfg.metrics_port == 0 and cfg.verify_checksums
+
+
+def test_overrides_win_over_env():
+    cfg = CommConfig.from_env({"COMM_STRIPE_SIZE": "16"}, stripe_size=32)
+    assert cfg.stripe_size == 32
+
+
+@pytest.mark.parametrize("var,value", [
+    ("COMM_STRIPE_SIZE", "abc"), ("COMM_STRIPE_SIZE", "0"), ("COMM_THREADS_PER_SHARD", "-1"),
+    ("COMM_INFLIGHT_PER_CONN", "1.5"), ("COMM_SLOTS_PER_BACKEND", "0"),
+    ("COMM_PREFETCH_PAGES", "-5"), ("COMM_REQUEST_TIMEOUT", "soon"),
+    ("COMM_REQUEST_TIMEOUT", "0"), ("COMM_METRICS_PORT", "70000"),
+    ("COMM_VERIFY_CHECKSUMS", "maybe"), ("COMM_SHARDS", "localhost:6400"),
+])
+def test_bad_values_name_the_variable(var, value):
+    with pytest.raises(ConfigError, match=var):
+        CommConfig.from_env({var: value})
+
+
+def test_config_is_frozen():
+    cfg = CommConfig()
+    with pytest.raises(AttributeError):
+        cfg.stripe_size = 5  # type: ignore[misc]
