@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from shards import MAX_BLOCKS_PER_REQUEST, RelTag
+from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from ._errors import Cancelled, CommClosed, InvalidRequest, RequestTimeout
@@ -52,6 +52,7 @@ class Backend:
         self._free = list(range(nslots - 1, -1, -1))  # owner thread only
         self._orphans: list[Slot] = []  # owner thread only
         self._owner: int | None = None
+        self._rels: set[RelTag] = set()  # RelTags already validated (owner thread only)
         self._timeout = comm.config.request_timeout
         # _lock guards: _push (the sockets) and _closed; held while sending so that a
         # close() from another thread never closes a socket in use
@@ -65,8 +66,9 @@ class Backend:
         """The 8192-byte page ``blkno`` of ``rel``, newest version at or below ``lsn``."""
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        rel = check_rel(rel)
-        blkno = check_block(blkno)
+        if type(rel) is not RelTag or rel not in self._rels:
+            self._check_rel(rel)
+        blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         page = self._comm._prefetch_hit(self.id, rel, blkno, lsn, nms)
         if page is not None:
@@ -83,7 +85,7 @@ class Backend:
         """Pages of any blocks of one relation, in request order, from any shards."""
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        rel = check_rel(rel)
+        rel = self._check_rel(rel)
         blks = check_blocks(blocks)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         out: list[Any] = [None] * len(blks)
@@ -115,7 +117,7 @@ class Backend:
         queued. Never raises for server errors (a failed prefetch is just not there)."""
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        rel = check_rel(rel)
+        rel = self._check_rel(rel)
         blks = check_blocks(blocks)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         return self._comm._prefetch(self, rel, blks, lsn, nms, deadline)
@@ -199,11 +201,19 @@ class Backend:
                                      f"backend per thread with Communicator.backend()")
             self._owner = ident
 
+    def _check_rel(self, rel: Any) -> RelTag:
+        """Validate ``rel``, remembering valid ones (RelTags are immutable)."""
+        check_rel(rel)
+        if len(self._rels) > 4096:
+            self._rels.clear()
+        self._rels.add(rel)
+        return rel
+
     def _relsize(self, rel: Any, lsn: Any, nms: Any, timeout: Any,
                  allow_missing: bool) -> tuple[bool, int]:
         self._enter()
         lsn, nms = check_lsns(lsn, nms)
-        rel = check_rel(rel)
+        rel = self._check_rel(rel)
         return self._call(Kind.REL_SIZE, rel, lsn, nms, timeout, allow_missing)
 
     def _call(self, kind: int, rel: Any, lsn: int, nms: int, timeout: Any, extra: Any) -> Any:
