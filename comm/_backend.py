@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from prefetch import HIT, JOINED
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from ._errors import Cancelled, CommClosed, InvalidRequest, RequestTimeout
 from ._slot import Slot, SlotState
-from ._worker import DOORBELL
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
+from ._worker import DOORBELL
 
 if TYPE_CHECKING:
     from ._communicator import Communicator
@@ -54,6 +55,7 @@ class Backend:
         self._owner: int | None = None
         self._rels: set[RelTag] = set()  # RelTags already validated (owner thread only)
         self._timeout = comm.config.request_timeout
+        self._buffer = comm._buffer
         # _lock guards: _push (the sockets) and _closed; held while sending so that a
         # close() from another thread never closes a socket in use
         self._lock = threading.Lock()
@@ -70,11 +72,20 @@ class Backend:
             self._check_rel(rel)
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
-        page = self._comm._prefetch_hit(self.id, rel, blkno, lsn, nms)
-        if page is not None:
-            return page
-        shard = self._comm._shard_of(rel, blkno)
         slot = self._take_slot(deadline)
+        if self._buffer._entries:  # racy peek: an empty buffer needs no lock
+            slot.arm_join(rel, lsn, nms, deadline)
+            slot.add_part()
+            kind, val = self._buffer.lookup(rel, blkno, lsn, nms, (slot, 0))
+            if kind == JOINED:
+                self._promote(val)
+                slot.seal()
+                return self._wait(slot, deadline)[0]
+            slot.disarm()
+            if kind == HIT:
+                self._free.append(slot.index)
+                return val
+        shard = self._comm._shard_of(rel, blkno)
         slot.arm(Kind.GET_PAGES, _NORMAL, rel, (blkno,), lsn, nms, deadline, shard)
         self._submit(slot)
         return self._wait(slot, deadline)[0]
@@ -89,15 +100,9 @@ class Backend:
         blks = check_blocks(blocks)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         out: list[Any] = [None] * len(blks)
-        missing: list[int] = []
-        for i, b in enumerate(blks):
-            page = self._comm._prefetch_hit(self.id, rel, b, lsn, nms)
-            if page is None:
-                missing.append(i)
-            else:
-                out[i] = page
+        join, missing = self._join_buffered(rel, blks, lsn, nms, deadline, out)
         chunks = self._chunks(rel, blks, missing)
-        if len(chunks) > len(self._slots):
+        if len(chunks) > len(self._slots) - (join is not None):
             raise InvalidRequest(f"get_pages needs {len(chunks)} wire requests but this backend "
                                  f"has {len(self._slots)} slots (COMM_SLOTS_PER_BACKEND); ask "
                                  f"for fewer blocks per call")
@@ -108,8 +113,43 @@ class Backend:
                      deadline, shard)
             self._submit(slot)
             slots.append((slot, idxs))
-        self._gather(slots, deadline, out)
+        self._gather(slots, deadline, out, join)
         return out
+
+    def _join_buffered(self, rel: RelTag, blks: list[int], lsn: int, nms: int,
+                       deadline: float, out: list[Any]) -> tuple[Slot | None, list[int]]:
+        """Fill ``out`` from the prefetch buffer and join prefetches in flight (one
+        join slot collects those). Returns the join slot and the positions to fetch."""
+        if not self._buffer._entries or len(self._chunks(rel, blks, range(len(blks)))) >= len(
+                self._slots):
+            return None, list(range(len(blks)))
+        join = self._take_slot(deadline)
+        join.arm_join(rel, lsn, nms, deadline)
+        missing, promoted = [], set()
+        for i, b in enumerate(blks):
+            join.add_part()
+            kind, val = self._buffer.lookup(rel, b, lsn, nms, (join, i))
+            if kind == JOINED:
+                if id(val) not in promoted:
+                    promoted.add(id(val))
+                    self._promote(val)
+                continue
+            join.deliver_part(-1, None)  # not joined: take the part back
+            if kind == HIT:
+                out[i] = val
+            else:
+                missing.append(i)
+        join.seal()
+        return join, missing
+
+    def _promote(self, job: Any) -> None:
+        """A foreground read joined a prefetch: make sure it does not wait behind other
+        prefetches. The job's worker re-sorts it (or ignores this if already sent)."""
+        if job is None or job.cls == _NORMAL or job.sent:
+            return
+        job.cls = _NORMAL
+        self._buffer.note_promotion()
+        self._submit(job, job.worker)
 
     def prefetch(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
                  not_modified_since: int | None = None, timeout: float | None = None) -> int:
@@ -148,8 +188,8 @@ class Backend:
         try:
             sk = SlruKind(kind)
         except ValueError:
-            raise InvalidRequest(f"kind={kind!r} is not an SLRU kind "
-                                 f"({', '.join(f'{k.value}={k.name}' for k in SlruKind)})") from None
+            known = ", ".join(f"{k.value}={k.name}" for k in SlruKind)
+            raise InvalidRequest(f"kind={kind!r} is not an SLRU kind ({known})") from None
         segno = check_u32(segno, "segno")
         return self._call(Kind.SLRU_SEGMENT, None, lsn, nms, timeout, (sk, segno))
 
@@ -253,11 +293,12 @@ class Backend:
                 raise CommClosed(f"{self.name} is closed")
             time.sleep(0.001)  # rare: only after timeouts/cancels; the worker frees them
 
-    def _submit(self, job: Any) -> None:
+    def _submit(self, job: Any, w: Any = None) -> None:
         """Hand a job to a worker of its shard: append to its inbox, and ring its
         doorbell only if it may be sleeping (see comm/_worker.py)."""
-        workers = self._comm._workers[job.shard]
-        w = workers[self.id % len(workers)]
+        if w is None:
+            workers = self._comm._workers[job.shard]
+            w = workers[self.id % len(workers)]
         w.inbox.append(job)
         if w.idle and not self._ring(w):
             raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
@@ -293,7 +334,7 @@ class Backend:
         raise err if err is not None else Cancelled(f"{self.name}: request cancelled")
 
     def _gather(self, slots: list[tuple[Slot, list[int]]], deadline: float,
-                out: list[Any]) -> None:
+                out: list[Any], join: Slot | None = None) -> None:
         first: BaseException | None = None
         for slot, idxs in slots:
             try:
@@ -301,7 +342,13 @@ class Backend:
             except BaseException as e:  # keep collecting: every slot must come back
                 first = first or e
                 continue
-            for i, page in zip(idxs, pages):
+            for i, page in zip(idxs, pages, strict=True):
                 out[i] = page
+        if join is not None:
+            try:
+                for i, page in self._wait(join, deadline).items():
+                    out[i] = page
+            except BaseException as e:
+                first = first or e
         if first is not None:
             raise first

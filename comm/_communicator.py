@@ -37,28 +37,34 @@ _PREFETCH = int(RequestClass.PREFETCH)
 
 class PrefetchJob:
     """A communicator-owned wire request that fills the prefetch buffer. It has the
-    interface the worker expects of a job (like a Slot), but nobody waits on it."""
+    interface the worker expects of a job (like a Slot); foreground reads that join
+    it are completed with its pages, and promote it by raising ``cls``."""
 
     __slots__ = ("kind", "cls", "rel", "blocks", "lsn", "nms", "deadline", "attempt", "extra",
-                 "shard", "buffer", "owner")
+                 "shard", "buffer", "owner", "qkey", "sent", "worker")
 
     def __init__(self, buffer: PrefetchBuffer, owner: str, rel: RelTag, blocks: tuple[int, ...],
                  lsn: int, nms: int, deadline: float, shard: int) -> None:
         self.kind, self.cls, self.rel, self.blocks = int(Kind.GET_PAGES), _PREFETCH, rel, blocks
         self.lsn, self.nms, self.deadline, self.shard = lsn, nms, deadline, shard
         self.attempt, self.extra, self.buffer, self.owner = 0, None, buffer, owner
+        self.qkey: Any = None
+        self.sent = False
+        self.worker: Any = None  # the worker it was handed to (promotions go there too)
 
     def is_live(self) -> bool:
         return True
 
     def complete(self, pages: Sequence[bytes]) -> bool:
-        for blk, page in zip(self.blocks, pages):
-            self.buffer.fill(self.rel, blk, self.lsn, page)
+        for blk, page in zip(self.blocks, pages, strict=True):
+            for slot, i in self.buffer.fill(self.rel, blk, self.lsn, page):
+                slot.deliver_part(i, page)
         return True
 
     def fail(self, error: BaseException) -> bool:
         for blk in self.blocks:
-            self.buffer.discard(self.rel, blk, self.lsn)
+            for slot, i in self.buffer.discard(self.rel, blk, self.lsn):
+                slot.fail_part(i, error)
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -162,14 +168,6 @@ class Communicator:
         return shard
 
     # ------------------------------------------------------------ prefetch
-    def _prefetch_hit(self, bid: int, rel: RelTag, blkno: int, lsn: int, nms: int) -> bytes | None:
-        if not self._buffer._entries:  # racy peek: skip the lock when nothing is buffered
-            return None
-        page = self._buffer.take(rel, blkno, lsn, nms)
-        if page is None:
-            self._buffer.note_foreground(rel, blkno, lsn, nms)
-        return page
-
     def _prefetch(self, be: Backend, rel: RelTag, blocks: list[int], lsn: int, nms: int,
                   deadline: float) -> int:
         todo = self._buffer.reserve(be.id, rel, blocks, lsn, nms)
@@ -180,10 +178,12 @@ class Communicator:
             by_shard.setdefault(self._shard_of(rel, b), []).append(b)
         for shard, blks in by_shard.items():
             for k in range(0, len(blks), MAX_BLOCKS_PER_REQUEST):
-                job = PrefetchJob(self._buffer, be.name, rel,
-                                  tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST]), lsn, nms,
-                                  deadline, shard)
-                be._submit(job)
+                chunk = tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST])
+                job = PrefetchJob(self._buffer, be.name, rel, chunk, lsn, nms, deadline, shard)
+                workers = self._workers[shard]
+                job.worker = workers[be.id % len(workers)]
+                self._buffer.attach(rel, chunk, lsn, job)
+                be._submit(job, job.worker)
         return len(todo)
 
     # ------------------------------------------------------------ introspection
@@ -241,7 +241,8 @@ class Communicator:
         self._stop_workers()
         for be in backends:
             be.close()
-        self._buffer.clear()
+        for slot, i in self._buffer.clear():
+            slot.fail_part(i, CommClosed("the communicator is closed"))
         self._ctx.term()
 
     def _stop_workers(self) -> None:

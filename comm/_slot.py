@@ -39,8 +39,8 @@ class Slot:
     the backend before ``arm()`` and only read by the worker after."""
 
     __slots__ = ("index", "key", "owner", "kind", "cls", "rel", "blocks", "lsn", "nms",
-                 "deadline", "attempt", "extra", "shard", "state", "result", "error",
-                 "_lock", "_done")
+                 "deadline", "attempt", "extra", "shard", "qkey", "sent", "state", "result",
+                 "error", "parts", "_lock", "_done")
 
     def __init__(self, index: int, key: int, owner: str) -> None:
         self.index = index
@@ -56,11 +56,14 @@ class Slot:
         self.attempt = 0
         self.extra: Any = None  # allow_missing / db / (slru_kind, segno)
         self.shard = 0
+        self.qkey: Any = None  # the worker's queue entry while queued (worker thread only)
+        self.sent = False  # put on the wire at least once (worker thread only)
         # _lock guards: state, result, error (and the release of _done)
         self._lock = threading.Lock()
         self.state = SlotState.FREE
         self.result: Any = None
         self.error: BaseException | None = None
+        self.parts = 0  # join slots: parts still to come, plus one until sealed
         self._done = threading.Lock()
         self._done.acquire()  # held while no completion is pending
 
@@ -72,8 +75,50 @@ class Slot:
         self.lsn, self.nms, self.deadline, self.shard = lsn, nms, deadline, shard
         self.extra = extra
         self.attempt = 0
+        self.qkey, self.sent = None, False
         self.result = self.error = None
         self.state = SlotState.PENDING
+
+    def disarm(self) -> None:
+        """Undo ``arm()`` of a slot that was never handed to anyone."""
+        self.state, self.rel, self.result = SlotState.FREE, None, None
+
+    # A join slot collects pages that prefetches already in flight will deliver:
+    # ``arm()`` it, ``add_part()`` once per joined page, then ``seal()``. It completes
+    # when every part has been delivered or failed (the seal counts as one part, so
+    # an early delivery cannot complete it while parts are still being added).
+    def arm_join(self, rel: Any, lsn: int, nms: int, deadline: float) -> None:
+        self.arm(1, 0, rel, (), lsn, nms, deadline, -1)
+        self.result, self.parts = {}, 1
+
+    def add_part(self) -> None:
+        with self._lock:
+            self.parts += 1
+
+    def seal(self) -> None:
+        self.deliver_part(-1, None)
+
+    def deliver_part(self, i: int, page: Any) -> None:
+        with self._lock:
+            if self.state == SlotState.PENDING and i >= 0:
+                self.result[i] = page
+            self._part_done()
+
+    def fail_part(self, i: int, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            self._part_done()
+
+    def _part_done(self) -> None:  # under _lock
+        self.parts -= 1
+        if self.parts:
+            return
+        if self.state == SlotState.PENDING:
+            self.state = SlotState.DONE if self.error is None else SlotState.FAILED
+            self._done.release()
+        elif self.state == SlotState.ABANDONED:
+            self.state = SlotState.FREE
 
     def is_live(self) -> bool:
         return self.state == SlotState.PENDING

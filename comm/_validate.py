@@ -36,7 +36,7 @@ def check_block(blkno: Any, name: str = "blkno") -> int:
 def check_blocks(blocks: Any) -> list[int]:
     if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
         raise InvalidRequest(f"blocks must be an iterable of ints, got {type(blocks).__name__}")
-    out = [check_block(b, "blocks[%d]" % i) for i, b in enumerate(blocks)]
+    out = [check_block(b, f"blocks[{i}]") for i, b in enumerate(blocks)]
     return out
 
 

@@ -13,8 +13,10 @@ closed by ordering: a backend appends, then reads ``idle``; the worker sets
 
 Each loop iteration takes the whole inbox: every job goes straight onto the
 wire while the in-flight window has room, otherwise into a SortedList ordered by
-(class, arrival), so foreground reads always leave before prefetches. Replies are matched by request id, then
-checked against the request they claim to answer; a mismatch is never delivered.
+(class, arrival), so foreground reads always leave before prefetches, and
+prefetches may fill only 3/4 of the window. Replies are matched by request id,
+then checked against the request they claim to answer; a mismatch is never
+delivered.
 
 Wakeups are the main cost on this platform, so the worker never sleeps while it
 has something to do, handles whole bursts per wakeup, and completes slots
@@ -59,6 +61,7 @@ DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
 _RETRY_CAP = 0.5
+_NORMAL = 0  # RequestClass.NORMAL
 
 
 class WorkerStats:
@@ -82,6 +85,7 @@ class ShardWorker:
                  window: int, verify: bool) -> None:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
+        self._prefetch_window = max(1, window - max(1, window // 4))
         self.name = f"comm-shard{shard}-w{index}"
         self.stats = WorkerStats()
         self.ready = threading.Event()
@@ -190,17 +194,36 @@ class ShardWorker:
         inbox, queue = self.inbox, self._queue
         while inbox:
             job = inbox.popleft()
+            if job.qkey is not None:  # promoted while queued here: re-sort it
+                queue.remove(job.qkey)
+                job.qkey = None
+            elif job.sent:  # promoted after it left: already on its way
+                continue
             if not job.is_live():
                 job.fail(CommClosed("abandoned before it was sent"))  # releases it
-            elif not queue and not self._blocked and len(self._inflight) < self.window:
+            elif not queue and not self._blocked and self._room(job):
                 self._send(job)
             else:
-                queue.add((job.cls, next(self._seq), job))
+                self._enqueue(job)
+
+    def _room(self, job: Any) -> bool:
+        """Prefetches may fill only part of the window: a foreground read always finds
+        a place on the wire without waiting behind them."""
+        limit = self.window if job.cls == _NORMAL else self._prefetch_window
+        return len(self._inflight) < limit
+
+    def _enqueue(self, job: Any) -> None:
+        job.qkey = (job.cls, next(self._seq), job)
+        self._queue.add(job.qkey)
 
     def _pump(self) -> None:
         q = self._queue
-        while q and not self._blocked and len(self._inflight) < self.window:
-            job = q.pop(0)[2]
+        while q and not self._blocked:
+            job = q[0][2]
+            if not self._room(job):
+                return
+            q.pop(0)
+            job.qkey = None
             if job.is_live():
                 self._send(job)
             else:
@@ -218,8 +241,9 @@ class ShardWorker:
             self._dealer.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE): keep it, wait until writable
             self._blocked = True
-            self._queue.add((job.cls, next(self._seq), job))
+            self._enqueue(job)
             return
+        job.sent = True
         self._inflight[rid] = (job, time.monotonic())
         self.stats.sent += 1
 
@@ -271,7 +295,7 @@ class ShardWorker:
     def _complete_ok(self, job: Any, rep: Any) -> None:
         result = result_of(rep)
         if self.verify and job.kind == Kind.GET_PAGES:
-            for blk, page in zip(job.blocks, result):
+            for blk, page in zip(job.blocks, result, strict=True):
                 if not verify_page_checksum(page, blk):
                     self.stats.bad_replies += 1
                     self.stats.errors += 1
@@ -303,8 +327,7 @@ class ShardWorker:
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            job = heapq.heappop(self._delayed)[2]
-            self._queue.add((job.cls, next(self._seq), job))
+            self._enqueue(heapq.heappop(self._delayed)[2])
 
     def _reset(self, why: str) -> None:
         """Drop the connection and everything in flight on it (a fresh DEALER gets a
@@ -330,6 +353,7 @@ class ShardWorker:
             dead = [e for e in self._queue if e[2].deadline <= now or not e[2].is_live()]
             for e in dead:
                 self._queue.remove(e)
+                e[2].qkey = None
                 self._timeout(e[2])
 
     def _timeout(self, job: Any) -> None:

@@ -31,8 +31,13 @@ PENDING = 0
 READY = 1
 
 
+HIT = 1     # lookup(): the page is here
+JOINED = 2  # lookup(): the page is on its way; the waiter will be completed with it
+MISS = 0    # lookup(): not here, not coming
+
+
 class _Entry:
-    __slots__ = ("state", "lsn", "nms", "page", "owner", "consumed")
+    __slots__ = ("state", "lsn", "nms", "page", "owner", "consumed", "job", "waiters")
 
     def __init__(self, owner: int, lsn: int, nms: int) -> None:
         self.state = PENDING
@@ -40,6 +45,8 @@ class _Entry:
         self.page: bytes | None = None
         self.owner = owner
         self.consumed = False
+        self.job: Any = None  # the request fetching it (for promotion)
+        self.waiters: list[Any] = []  # foreground reads that joined it
 
 
 def ranges_overlap(nms_a: int, lsn_a: int, nms_b: int, lsn_b: int) -> bool:
@@ -55,6 +62,8 @@ class PrefetchCounters:
     wasted: int = 0        # evicted or invalidated before anyone read them
     dropped: int = 0       # refused for lack of room (back-pressure)
     late: int = 0          # arrived after the page had been read in the foreground
+    joins: int = 0         # foreground reads that joined a prefetch in flight
+    promotions: int = 0    # queued prefetches promoted to foreground priority
     failed: int = 0        # the page server could not deliver
 
 
@@ -74,16 +83,42 @@ class PrefetchBuffer:
         return len(self._entries)
 
     # ------------------------------------------------------------ readers
-    def take(self, rel: Any, blk: int, lsn: int, nms: int) -> bytes | None:
-        """The buffered page for this read, or None. Called in the reader's thread."""
+    def lookup(self, rel: Any, blk: int, lsn: int, nms: int, waiter: Any) -> tuple[int, Any]:
+        """Serve a foreground read: (HIT, page), (JOINED, job) after registering
+        ``waiter`` to be completed with the page, or (MISS, None). Runs in the reader's
+        thread; ``waiter=None`` means "do not join"."""
         key = (rel, blk)
         with self._lock:
             e = self._entries.get(key)
-            if e is None or e.state != READY or not ranges_overlap(e.nms, e.lsn, nms, lsn):
-                return None
-            self.counters.hits += 1
+            if e is None or not ranges_overlap(e.nms, e.lsn, nms, lsn):
+                return MISS, None
+            if e.state == READY:
+                self.counters.hits += 1
+                self._consume(key, e)
+                return HIT, e.page
+            if waiter is None:
+                return MISS, None
+            self.counters.joins += 1
+            e.waiters.append(waiter)
             self._consume(key, e)
-            return e.page
+            return JOINED, e.job
+
+    def take(self, rel: Any, blk: int, lsn: int, nms: int) -> bytes | None:
+        """The buffered page for this read, or None (never joins)."""
+        kind, page = self.lookup(rel, blk, lsn, nms, None)
+        return page if kind == HIT else None
+
+    def attach(self, rel: Any, blocks: tuple[int, ...], lsn: int, job: Any) -> None:
+        """Remember which request fetches the reserved ``blocks`` (for promotion)."""
+        with self._lock:
+            for blk in blocks:
+                e = self._entries.get((rel, blk))
+                if e is not None and e.state == PENDING and e.lsn == lsn:
+                    e.job = job
+
+    def note_promotion(self) -> None:
+        with self._lock:
+            self.counters.promotions += 1
 
     def note_foreground(self, rel: Any, blk: int, lsn: int, nms: int) -> None:
         """A foreground read went to the server: a prefetch for it arriving later is late."""
@@ -121,24 +156,29 @@ class PrefetchBuffer:
                 out.append(blk)
         return out
 
-    def fill(self, rel: Any, blk: int, lsn: int, page: bytes) -> None:
-        """A prefetched page arrived (worker thread)."""
+    def fill(self, rel: Any, blk: int, lsn: int, page: bytes) -> list[Any]:
+        """A prefetched page arrived (worker thread). Returns the joined waiters, to
+        be completed by the caller outside the lock."""
         with self._lock:
             e = self._entries.get((rel, blk))
             if e is None or e.state != PENDING or e.lsn != lsn:
-                return
-            e.state, e.page = READY, page
-            if e.consumed:  # read in the foreground meanwhile
+                return []
+            e.state, e.page, e.job = READY, page, None
+            waiters, e.waiters = e.waiters, []
+            if e.consumed and not waiters:  # read in the foreground meanwhile
                 self.counters.late += 1
+            return waiters
 
-    def discard(self, rel: Any, blk: int, lsn: int) -> None:
-        """A prefetch failed: forget the reservation."""
+    def discard(self, rel: Any, blk: int, lsn: int) -> list[Any]:
+        """A prefetch failed: forget the reservation; returns the joined waiters."""
         with self._lock:
             key = (rel, blk)
             e = self._entries.get(key)
-            if e is not None and e.state == PENDING and e.lsn == lsn:
-                self.counters.failed += 1
-                self._remove(key, e)
+            if e is None or e.state != PENDING or e.lsn != lsn:
+                return []
+            self.counters.failed += 1
+            self._remove(key, e)
+            return e.waiters
 
     def forget_owner(self, owner: int) -> None:
         """A backend left: its unread pages stay (others may read them) but count for
@@ -151,10 +191,14 @@ class PrefetchBuffer:
                     self._entries[k].owner = -1
                     orphan[k] = None
 
-    def clear(self) -> None:
+    def clear(self) -> list[Any]:
+        """Drop everything; returns the waiters of entries still in flight."""
+        waiters: list[Any] = []
         with self._lock:
             for key, e in list(self._entries.items()):
+                waiters += e.waiters
                 self._remove(key, e)
+        return waiters
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
