@@ -1,0 +1,35 @@
+"""``python -m comm``: demo (the main job), bench (the benchmark suite)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import _demo
+
+    parser = argparse.ArgumentParser(prog="python -m comm",
+                                     description="pagecomm: the communicator")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo.add_cli(sub)
+    try:
+        from . import _bench
+    except ImportError as e:  # matplotlib & co are the 'bench' extra
+        bench = sub.add_parser("bench", help="the benchmark suite (pip install pagecomm[bench])")
+        bench.set_defaults(func=lambda args, e=e: sys.exit(
+            f"bench needs the 'bench' extra: pip install -e '.[bench]' ({e})"))
+    else:
+        _bench.add_cli(sub)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
