@@ -28,7 +28,7 @@ from prefetch import HIT, JOINED
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
-from ._errors import Cancelled, CommClosed, InvalidRequest, RequestTimeout
+from ._errors import Cancelled, CommClosed, InvalidRequest, RelationNotFound, RequestTimeout
 from ._slot import Slot, SlotState
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
 from ._worker import DOORBELL
@@ -251,10 +251,18 @@ class Backend:
 
     def _relsize(self, rel: Any, lsn: Any, nms: Any, timeout: Any,
                  allow_missing: bool) -> tuple[bool, int]:
+        """(exists, nblocks), from the relation size cache when its answer holds."""
         self._enter()
         lsn, nms = check_lsns(lsn, nms)
         rel = self._check_rel(rel)
-        return self._call(Kind.REL_SIZE, rel, lsn, nms, timeout, allow_missing)
+        cache = self._comm._relsizes
+        ans = cache.get(rel, lsn, nms)
+        if ans is None:
+            ans = self._call(Kind.REL_SIZE, rel, lsn, nms, timeout, True)
+            cache.put(rel, lsn, nms, *ans)
+        if not ans[0] and not allow_missing:
+            raise RelationNotFound(f"{rel} does not exist at lsn {lsn:#x}")
+        return ans
 
     def _call(self, kind: int, rel: Any, lsn: int, nms: int, timeout: Any, extra: Any) -> Any:
         """One metadata request; these are served by shard 0."""

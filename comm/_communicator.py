@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from prefetch import PrefetchBuffer
+from prefetch import PrefetchBuffer, RelSizeCache
 from shards import MAX_BLOCKS_PER_REQUEST, RelTag, shard_for
 from shards.protocol import Kind, RequestClass
 
@@ -97,6 +97,7 @@ class Communicator:
         self._stripe = cfg.stripe_size
         self._shard_cache: dict[tuple[int, int], int] = {}
         self._buffer = PrefetchBuffer(cfg.prefetch_pages)
+        self._relsizes = RelSizeCache(cfg.relsize_cache)
         # _lock guards: _backends, _next_bid, _closed, _control
         self._lock = threading.Lock()
         self._backends: dict[int, Backend] = {}
@@ -205,6 +206,7 @@ class Communicator:
             "slots_in_use": sum(b.slots_in_use() for b in backends),
             "connections": sum(len(w) for w in self._workers),
             "prefetch": self._buffer.snapshot(),
+            "relsize_cache": self._relsizes.snapshot(),
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 

@@ -22,6 +22,7 @@ class CommConfig:
     inflight_per_conn: int = 64
     slots_per_backend: int = 16
     prefetch_pages: int = 4096
+    relsize_cache: int = 4096
     request_timeout: float = 30.0
     metrics_port: int | None = None
     verify_checksums: bool = False
@@ -34,6 +35,7 @@ class CommConfig:
         _positive(self, "inflight_per_conn", "COMM_INFLIGHT_PER_CONN", 1, 65536)
         _positive(self, "slots_per_backend", "COMM_SLOTS_PER_BACKEND", 1, 65535)
         _positive(self, "prefetch_pages", "COMM_PREFETCH_PAGES", 0, 1 << 24)
+        _positive(self, "relsize_cache", "COMM_RELSIZE_CACHE", 0, 1 << 24)
         t = self.request_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:
             raise ConfigError(f"COMM_REQUEST_TIMEOUT (request_timeout) must be a number of "

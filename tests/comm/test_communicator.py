@@ -256,3 +256,20 @@ def test_prefetch_then_read_hits_buffer(c, servers):
         assert sum(s.pages for s in servers) == sent  # all served from the buffer
         assert c.stats()["prefetch"]["hits"] == 64
         assert be.prefetch(REL, range(100, 164), lsn=100) == 0  # deduplicated
+
+
+def test_relsize_cache_reuses_answers_only_within_the_lsn_rule(c, servers):
+    def sent() -> int:
+        return sum(s.requests for s in servers)
+
+    with c.backend() as be:
+        assert be.nblocks(REL, 100, not_modified_since=80) == 1000
+        n = sent()
+        assert be.nblocks(REL, 100) == 1000            # same range
+        assert be.exists(REL, 90, not_modified_since=85)  # inside [80, 100]
+        assert be.nblocks(REL, 150, not_modified_since=100) == 1000  # touches at 100
+        assert sent() == n
+        assert be.nblocks(REL, 300, not_modified_since=200) == 1000  # after: ask again
+        assert sent() == n + 1
+    rc = c.stats()["relsize_cache"]
+    assert rc["hits"] == 3 and rc["misses"] == 2

@@ -1,0 +1,235 @@
+"""``python -m comm demo``: the main job, end to end on one machine.
+
+Starts an embedded cluster of page servers (separate processes on loopback),
+loads it from a real PostgreSQL cluster (initdb --data-checksums + pgbench -i)
+when the binaries are installed, or from generated pages otherwise, then reads
+every page back through ONE communicator from many backend threads scanning
+with prefetch, verifies every page (bytes and PostgreSQL checksum), and prints
+a short report. Everything it started is stopped and removed, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shards import (
+    BLCKSZ,
+    LocalCluster,
+    RelTag,
+    import_pgdata,
+    open_shard_store,
+    read_layout,
+    verify_page_checksum,
+)
+from shards._synth import generate_store, synth_page
+
+from ._communicator import Communicator
+from ._config import CommConfig
+from ._errors import CommError
+
+Expected = Callable[[RelTag, int], bytes]
+SEGMENT_BLOCKS = 131072
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("demo", help="embedded cluster + real or generated data, verified reads")
+    p.add_argument("--source", choices=("auto", "pg", "synth"), default="auto",
+                   help="auto: PostgreSQL if its binaries are installed, else generated pages")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--backends", type=int, default=16)
+    p.add_argument("--scale", type=int, default=4, help="pgbench scale (source pg)")
+    p.add_argument("--rels", type=int, default=8, help="relations (source synth)")
+    p.add_argument("--nblocks", type=int, default=4096, help="blocks per relation (synth)")
+    p.add_argument("--prefetch", type=int, default=32, help="prefetch distance in pages")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="pagecomm-demo-"))
+    pg = None
+    try:
+        pg, expected, label = _load(args, work)
+        layout = read_layout(work / "store")
+        lsn, rels = _relations(work / "store")
+        total = sum(n for _, n in rels)
+        print(f"source: {label}; {len(rels)} relation forks, {total} pages, "
+              f"{layout['shard_count']} shards (stripe {layout['stripe_size']})")
+        with LocalCluster(work / "store") as cluster:
+            print("page servers:", ", ".join(cluster.endpoints))
+            report = _read_all(args, cluster.endpoints, layout, lsn, rels, expected, total)
+        _print_report(report)
+        return 0 if report["wrong"] == 0 and report["errors"] == 0 else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        if pg is not None:
+            pg.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(args: argparse.Namespace, work: Path) -> tuple[Any, Expected, str]:
+    """Fill ``work/store``; returns (pg cluster or None, expected-page function, label)."""
+    from shards import _pgcluster
+
+    use_pg = args.source == "pg" or (args.source == "auto"
+                                     and _pgcluster.find_pg_bin() is not None)
+    if not use_pg:
+        desc = generate_store(work / "store", args.shards, rels=args.rels,
+                              nblocks=args.nblocks, progress=not args.no_progress)
+        lsn = max(desc["lsns"])
+        return None, lambda rel, blk: synth_page(rel, blk, lsn), "generated pages"
+    print(f"creating a PostgreSQL cluster (initdb --data-checksums, pgbench -i -s {args.scale})")
+    pg = _pgcluster.make_pgbench_cluster(scale=args.scale, base_dir=work)
+    res = import_pgdata(pg.pgdata, work / "store", shard_count=args.shards,
+                        progress=not args.no_progress)
+    print(f"imported {res.pages_written} pages at LSN {res.lsn >> 32:X}/{res.lsn & 0xFFFFFFFF:X}")
+    return pg, _file_reader(Path(pg.pgdata)), f"PostgreSQL 15 pgbench scale {args.scale}"
+
+
+def _file_reader(pgdata: Path) -> Expected:
+    """Expected bytes of a block, read straight from the (stopped) data directory."""
+    from shards._types import FORK_SUFFIXES
+
+    def rel_path(rel: RelTag) -> Path:
+        name = f"{rel.rel}{FORK_SUFFIXES[rel.fork]}"
+        if rel.spc == 1664:
+            return pgdata / "global" / name
+        if rel.spc == 1663:
+            return pgdata / "base" / str(rel.db) / name
+        (ver,) = (pgdata / "pg_tblspc" / str(rel.spc)).glob("PG_15_*")
+        return ver / str(rel.db) / name
+
+    def expected(rel: RelTag, blk: int) -> bytes:
+        seg, off = divmod(blk, SEGMENT_BLOCKS)
+        path = rel_path(rel)
+        if seg:
+            path = path.with_name(f"{path.name}.{seg}")
+        with open(path, "rb") as f:
+            f.seek(off * BLCKSZ)
+            return f.read(BLCKSZ)
+
+    return expected
+
+
+def _relations(store_dir: Path) -> tuple[int, list[tuple[RelTag, int]]]:
+    """The store's newest LSN and every non-empty relation fork with its size there."""
+    with open_shard_store(store_dir, 0, readonly=True) as st:
+        lsn = st.last_lsn
+        out = [(rel, st.nblocks(rel, lsn) or 0) for rel in sorted(st.relations(lsn))]
+    return lsn, [(rel, n) for rel, n in out if n > 0]
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="page", desc="verified", smoothing=0.1)
+        self._lock = threading.Lock()  # guards: bar
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            with self._lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _read_all(args: argparse.Namespace, endpoints: list[str], layout: dict[str, Any], lsn: int,
+              rels: list[tuple[RelTag, int]], expected: Expected, total: int) -> dict[str, Any]:
+    work = _split(rels, args.backends)
+    cfg = CommConfig(shards=tuple(endpoints), stripe_size=layout["stripe_size"],
+                     request_timeout=30.0)
+    bar = _Progress(total, not args.no_progress)
+    results: list[dict[str, Any]] = []
+    with Communicator(config=cfg) as c:
+        threads = [threading.Thread(target=_scan, name=f"demo-backend{i}",
+                                    args=(c, part, lsn, args.prefetch, expected, bar, results))
+                   for i, part in enumerate(work)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            c.close()  # pending calls fail with CommClosed; the scans stop
+            raise
+        secs = time.monotonic() - t0
+        stats = c.stats()
+    bar.close()
+    lat = sorted(x for r in results for x in r["lat"])
+    return {"pages": sum(r["ok"] for r in results), "wrong": sum(r["wrong"] for r in results),
+            "errors": sum(r["errors"] for r in results), "seconds": secs,
+            "p50": lat[len(lat) // 2] if lat else 0.0,
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0,
+            "backends": len(work), "stats": stats}
+
+
+def _split(rels: list[tuple[RelTag, int]], n: int) -> list[list[tuple[RelTag, int, int]]]:
+    """Cut all (rel, block range) pieces into ``n`` nearly equal scan lists."""
+    pieces = [(rel, b, min(b + 256, nb)) for rel, nb in rels for b in range(0, nb, 256)]
+    return [p for p in (pieces[i::n] for i in range(n)) if p]
+
+
+def _scan(c: Communicator, part: list[tuple[RelTag, int, int]], lsn: int, distance: int,
+          expected: Expected, bar: _Progress, results: list[dict[str, Any]]) -> None:
+    r: dict[str, Any] = {"ok": 0, "wrong": 0, "errors": 0, "lat": []}
+    try:
+        with c.backend() as be:
+            for rel, start, end in part:
+                _scan_range(be, rel, start, end, lsn, distance, expected, r, bar)
+    except CommError as e:
+        r["errors"] += 1
+        print(f"backend error: {e}", file=sys.stderr)
+    results.append(r)
+
+
+def _scan_range(be: Any, rel: RelTag, start: int, end: int, lsn: int, distance: int,
+                expected: Expected, r: dict[str, Any], bar: _Progress) -> None:
+    ahead = start
+    for blk in range(start, end):
+        if ahead < min(end, blk + distance):
+            be.prefetch(rel, range(ahead, min(end, blk + distance)), lsn)
+            ahead = min(end, blk + distance)
+        t = time.perf_counter()
+        page = be.get_page(rel, blk, lsn)
+        r["lat"].append(time.perf_counter() - t)
+        good = page == expected(rel, blk) and (verify_page_checksum(page, blk))
+        r["ok" if good else "wrong"] += 1
+        if not good:
+            print(f"WRONG PAGE: {rel} block {blk}", file=sys.stderr)
+        if blk % 64 == 63:
+            bar.add(64)
+    bar.add((end - start) % 64)
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    st = r["stats"]
+    pf = st["prefetch"]
+    reads = r["pages"] + r["wrong"]
+    print()
+    print("pagecomm demo report")
+    print(f"  pages verified     {r['pages']} (wrong: {r['wrong']}, errors: {r['errors']})")
+    print(f"  throughput         {reads / r['seconds']:,.0f} pages/s over {r['seconds']:.2f} s "
+          f"with {r['backends']} backend threads")
+    print(f"  get_page latency   p50 {r['p50'] * 1e3:.3f} ms, p99 {r['p99'] * 1e3:.3f} ms")
+    print(f"  connections        {st['connections']} to {len(st['shards'])} page servers "
+          f"(one per worker thread)")
+    print(f"  prefetch           issued {pf['issued']}, hits {pf['hits']}, joins {pf['joins']}, "
+          f"wasted {pf['wasted']}, dropped {pf['dropped']}")
+    hit = (pf["hits"] + pf["joins"]) / reads if reads else 0.0
+    print(f"  served by prefetch {hit:.1%} of reads")
