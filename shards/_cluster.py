@@ -1,1 +1,203 @@
-"""(being written)"""
+"""LocalCluster: one ``python -m shards serve`` subprocess per shard of a store directory.
+
+Theory of operation
+-------------------
+Each child binds tcp://127.0.0.1:0 (or, on restart, its old endpoint) and prints
+exactly one line, ``READY <endpoint>``, once bound; the parent reads that line
+with a deadline, so a child that fails to start is reported with its stderr
+instead of hanging the caller. Children's stderr goes to a temporary file (a pipe
+nobody reads would fill up and block a chatty child). Tests use kill/freeze/thaw/
+restart to model crashed, stuck and recovering page servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from ._errors import ShardsError
+from ._store import read_layout
+
+log = logging.getLogger(__name__)
+_PKG_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class LocalCluster:
+    """Page-server subprocesses for every shard of ``store_dir`` (see module docstring)."""
+
+    def __init__(self, store_dir: str | os.PathLike[str], shard_count: int | None = None, *,
+                 latency_ms: float = 0.0, extra_args: Sequence[str] = (),
+                 python: str = sys.executable, start_timeout: float = 30.0) -> None:
+        self.store_dir = Path(store_dir)
+        layout = read_layout(self.store_dir)
+        if shard_count is not None and shard_count != layout["shard_count"]:
+            raise ValueError(f"shard_count={shard_count} does not match "
+                             f"{layout['shard_count']} in {self.store_dir}/layout.json")
+        self.shard_count: int = layout["shard_count"]
+        self.stripe_size: int = layout["stripe_size"]
+        self.latency_ms = float(latency_ms)
+        self.extra_args = [str(a) for a in extra_args]
+        self.python = python
+        self.start_timeout = start_timeout
+        self._lock = threading.Lock()  # guards procs, endpoints, _stderr, _stopped
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.shard_count
+        self.endpoints: list[str] = [""] * self.shard_count
+        self._stderr: list[IO[bytes] | None] = [None] * self.shard_count
+        self._stopped = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> LocalCluster:
+        """Start every shard (in parallel) and wait until all are READY."""
+        try:
+            for i in range(self.shard_count):
+                self._spawn(i, "tcp://127.0.0.1:0")
+            for i in range(self.shard_count):
+                self._await_ready(i)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM every child, wait, then SIGKILL stragglers (idempotent)."""
+        with self._lock:
+            self._stopped = True
+            procs = list(enumerate(self.procs))
+        for _, p in procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a frozen child cannot handle SIGTERM
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for i, p in procs:
+            if p is not None:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("shard %d (pid %d) ignored SIGTERM; killing it", i, p.pid)
+                    p.kill()
+                    p.wait()
+                self._close_io(i)
+
+    # ------------------------------------------------------------ chaos
+
+    def kill(self, i: int) -> None:
+        """SIGKILL shard ``i``'s server and reap it."""
+        p = self._proc(i)
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+    def freeze(self, i: int) -> None:
+        """SIGSTOP shard ``i``: connections stay up, nothing is answered."""
+        self._proc(i).send_signal(signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        """SIGCONT shard ``i`` after :meth:`freeze`."""
+        self._proc(i).send_signal(signal.SIGCONT)
+
+    def restart(self, i: int) -> str:
+        """Stop shard ``i`` (if still running) and start it again on the SAME endpoint."""
+        p = self._proc(i)
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+            try:
+                p.wait(5.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._close_io(i)
+        with self._lock:
+            if self._stopped:
+                raise ShardsError("LocalCluster is stopped")
+            endpoint = self.endpoints[i]
+        self._spawn(i, endpoint)
+        return self._await_ready(i)
+
+    # ------------------------------------------------------------ internals
+
+    def _proc(self, i: int) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if not 0 <= i < self.shard_count:
+                raise ValueError(f"shard {i} is outside 0..{self.shard_count - 1}")
+            p = self.procs[i]
+        if p is None:
+            raise ShardsError(f"shard {i} was never started")
+        return p
+
+    def _spawn(self, i: int, bind: str) -> None:
+        cmd = [self.python, "-m", "shards", "serve", "--store", str(self.store_dir),
+               "--shard", str(i), "--shard-count", str(self.shard_count),
+               "--stripe-size", str(self.stripe_size), "--bind", bind,
+               "--latency-ms", repr(self.latency_ms), *self.extra_args]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_PARENT, env.get("PYTHONPATH")]))
+        err = tempfile.TemporaryFile(prefix=f"shard-{i}-stderr-")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, env=env, start_new_session=True)
+        with self._lock:
+            self.procs[i], self._stderr[i] = proc, err
+
+    def _await_ready(self, i: int) -> str:
+        p = self._proc(i)
+        assert p.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(p.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self._fail(i, f"no READY line within {self.start_timeout:g}s")
+                chunk = os.read(p.stdout.fileno(), 4096)
+                if not chunk:
+                    self._fail(i, f"exited with status {p.wait()} before READY")
+                line += chunk
+        text = line.decode(errors="replace").strip()
+        if not text.startswith("READY "):
+            self._fail(i, f"printed {text!r} instead of READY <endpoint>")
+        endpoint = text.split(None, 1)[1]
+        with self._lock:
+            self.endpoints[i] = endpoint
+        log.debug("shard %d ready at %s (pid %d)", i, endpoint, p.pid)
+        return endpoint
+
+    def _fail(self, i: int, what: str) -> None:
+        p = self._proc(i)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        with self._lock:
+            err = self._stderr[i]
+        tail = ""
+        if err is not None:
+            err.seek(0)
+            tail = err.read()[-4000:].decode(errors="replace").strip()
+        raise ShardsError(f"page server for shard {i} of {self.store_dir} {what}; "
+                          f"stderr:\n{tail or '(empty)'}")
+
+    def _close_io(self, i: int) -> None:
+        with self._lock:
+            p, err = self.procs[i], self._stderr[i]
+            self._stderr[i] = None
+        if p is not None and p.stdout is not None:
+            p.stdout.close()
+        if err is not None:
+            err.close()

@@ -1,1 +1,534 @@
-"""(being written)"""
+"""The page server: one shard's page store behind a ZeroMQ ROUTER socket.
+
+Theory of operation
+-------------------
+One thread owns the ROUTER socket and runs a loop:
+
+1. poll (the timeout is the earliest of: a delayed reply falls due, a parked
+   request should be re-checked, the stop flag should be looked at);
+2. DRAIN every queued request without blocking into one batch (up to max_batch);
+3. sort the batch with the parked requests, NORMAL before PREFETCH before
+   BACKGROUND (arrival order within a class), so a foreground read never waits
+   behind prefetches that happened to arrive first; requests beyond ``max_queue``
+   are answered SLOW_DOWN at once;
+4. serve the whole batch in ONE read transaction of the store (one snapshot);
+   a request whose not_modified_since is above the store's last_lsn is PARKED
+   and re-tried on later iterations until ``lsn_wait`` seconds have passed, so it
+   never blocks other requests;
+5. send the replies. With injected ``latency`` a reply is held until
+   arrival+latency in a small time-ordered heap: requests overlap, as they
+   would on a real network, rather than being serialised by the delay.
+
+Every status is in-band; malformed frames are answered INVALID_REQUEST when their
+request id can be read, else dropped and counted. :class:`ServerFaults` injects
+drops, corrupt pages, wrong blocks, forced statuses and garbage frames for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import random
+import signal
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ._errors import ProtocolError, ShardsError, StoreError
+from ._protocol import (
+    _PREFIX,
+    MAX_MESSAGE_BYTES,
+    REPLY_FLAG,
+    DbSizeReply,
+    DbSizeRequest,
+    GetPagesReply,
+    GetPagesRequest,
+    Kind,
+    RelSizeReply,
+    RelSizeRequest,
+    Reply,
+    Request,
+    SlruKind,
+    SlruSegmentReply,
+    Status,
+    decode_request,
+    encode_reply,
+    error_reply,
+    peek_request_id,
+)
+from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
+from ._store import PageStore, StoreReader
+from ._types import BLCKSZ, MAX_BLOCKNO, RelTag
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.05      # how often an idle loop looks at the stop flag
+_PARK_RECHECK_S = 0.005  # how often parked requests re-read the store's last_lsn
+_HWM = 10_000
+_ZERO_PAGE = bytes(BLCKSZ)
+
+
+@dataclass
+class ServerFaults:
+    """Fault injection, read per request (mutate it while the server runs).
+
+    Rates are probabilities in 0..1. ``error_status`` (if set, not OK) is forced on
+    a fraction ``error_rate`` of requests, with the reason "injected fault".
+    """
+
+    drop_rate: float = 0.0        # never answer
+    corrupt_rate: float = 0.0     # flip bytes in the pages of an OK GetPages reply
+    wrong_block_rate: float = 0.0  # answer one block with ANOTHER block (echo and page)
+    error_status: Status | None = None
+    error_rate: float = 1.0
+    garbage_rate: float = 0.0     # send random frames instead of the reply
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    envelope: list[bytes]
+    req: Request
+    arrival: float
+    seq: int
+
+
+class PageServer:
+    """Serves one shard of a page store over a ROUTER socket (see module docstring)."""
+
+    def __init__(self, store: PageStore, shard: int = 0, shard_count: int = 1,
+                 stripe_size: int = DEFAULT_STRIPE_SIZE, bind: str = "tcp://127.0.0.1:0", *,
+                 latency: float = 0.0, lsn_wait: float = 1.0,
+                 faults: ServerFaults | None = None, max_queue: int = 4096,
+                 max_batch: int = 1024) -> None:
+        check_shard_params(shard_count, stripe_size)
+        if not isinstance(shard, int) or not 0 <= shard < shard_count:
+            raise ValueError(f"shard={shard!r} is outside 0..{shard_count - 1}")
+        if not isinstance(bind, str) or "://" not in bind:
+            raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:0, got {bind!r}")
+        for name, v in (("latency", latency), ("lsn_wait", lsn_wait)):
+            if not isinstance(v, (int, float)) or not 0 <= v < 3600:
+                raise ValueError(f"{name} must be seconds in 0..3600, got {v!r}")
+        for name, v in (("max_queue", max_queue), ("max_batch", max_batch)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.store = store
+        self.shard, self.shard_count, self.stripe_size = shard, shard_count, stripe_size
+        self.bind, self.latency, self.lsn_wait = bind, float(latency), float(lsn_wait)
+        self.faults = faults
+        self.max_queue, self.max_batch = max_queue, max_batch
+        self._rng = random.Random(faults.seed if faults else None)
+        self._lock = threading.Lock()  # guards _totals, _gauges, _state, _endpoint, _thread
+        self._totals: Counter[str] = Counter()
+        self._gauges = {"parked": 0, "delayed": 0}
+        self._state = "new"  # new -> running -> stopped
+        self._endpoint: str | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stopping = threading.Event()
+        self._start_error: BaseException | None = None
+        # owned by the server thread only
+        self._parked: list[_Pending] = []
+        self._delayed: list[tuple[float, int, list[bytes]]] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> PageServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint with its real port (after :meth:`start`)."""
+        with self._lock:
+            if self._endpoint is None:
+                raise ShardsError("PageServer is not started")
+            return self._endpoint
+
+    def start(self) -> PageServer:
+        """Bind and start serving in a thread; returns once bound."""
+        with self._lock:
+            if self._state != "new":
+                raise ShardsError(f"PageServer cannot start: it is {self._state}")
+            self._state = "running"
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"page-server-{self.shard}")
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            with self._lock:
+                self._state = "stopped"
+            raise ShardsError(f"cannot bind {self.bind}: {self._start_error}") from None
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and close the socket (idempotent; returns within ~50 ms)."""
+        with self._lock:
+            thread, self._state = self._thread, "stopped"
+        self._stopping.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("page server thread %s did not stop in %.1fs", thread.name, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: requests by kind and class, pages served, errors by status, etc."""
+        with self._lock:
+            totals, gauges = dict(self._totals), dict(self._gauges)
+        out: dict[str, Any] = {"requests": {}, "classes": {}, "errors": {}, "faults": {},
+                               "pages_served": 0, "malformed_dropped": 0,
+                               "malformed_answered": 0, "send_errors": 0, **gauges}
+        for key, n in totals.items():
+            group, _, name = key.partition(".")
+            if name:
+                out[group][name] = n
+            else:
+                out[group] = n
+        return out
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.ROUTER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies are dropped
+            sock.setsockopt(zmq.RCVHWM, _HWM)
+            sock.setsockopt(zmq.SNDHWM, _HWM)
+            sock.bind(self.bind)
+            with self._lock:
+                self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as e:
+            self._start_error = e
+            sock.close(0)
+            ctx.term()
+            self._started.set()
+            return
+        self._started.set()
+        log.info("page server shard %d/%d serving %s", self.shard, self.shard_count,
+                 self._endpoint)
+        try:
+            self._loop(sock)
+        except Exception:  # never expected: keep the process alive, log loudly
+            log.exception("page server loop failed")
+        finally:
+            sock.close(0)
+            ctx.term()
+
+    def _loop(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self._stopping.is_set():
+            counts: Counter[str] = Counter()
+            timeout = _IDLE_POLL_S
+            if self._parked:
+                timeout = min(timeout, _PARK_RECHECK_S)
+            if self._delayed:
+                timeout = max(0.0, min(timeout, self._delayed[0][0] - time.monotonic()))
+            batch: list[_Pending] = []
+            if poller.poll(timeout * 1000):
+                batch = self._drain(sock, counts)
+            now = time.monotonic()
+            if batch or self._parked:
+                self._serve(sock, batch, now, counts)
+            if self._delayed:
+                self._flush_delayed(sock, time.monotonic(), counts)
+            with self._lock:
+                self._totals.update(counts)
+                self._gauges["parked"] = len(self._parked)
+                self._gauges["delayed"] = len(self._delayed)
+
+    def _drain(self, sock: zmq.Socket, counts: Counter[str]) -> list[_Pending]:
+        batch: list[_Pending] = []
+        now = time.monotonic()
+        for _ in range(self.max_batch):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # a DEALER sends [id, request]; a REQ adds an empty delimiter [id, b"", request]
+            cut = 2 if len(frames) >= 3 and frames[1] == b"" else 1
+            envelope, body = frames[:cut], frames[cut:]
+            try:
+                req = decode_request(body)
+            except ProtocolError as e:
+                self._malformed(sock, envelope, body, str(e), counts)
+                continue
+            self._seq += 1
+            counts[f"requests.{req.kind.name}"] += 1
+            counts[f"classes.{req.cls.name}"] += 1
+            batch.append(_Pending(envelope, req, now, self._seq))
+        return batch
+
+    def _malformed(self, sock: zmq.Socket, envelope: list[bytes], body: list[bytes],
+                   reason: str, counts: Counter[str]) -> None:
+        ids = peek_request_id(body[0]) if body else None
+        if ids is None:
+            counts["malformed_dropped"] += 1
+            return
+        counts["malformed_answered"] += 1
+        counts["errors.INVALID_REQUEST"] += 1
+        self._send(sock, envelope, encode_reply(_malformed_reply(body[0], ids, reason)), counts)
+
+    def _serve(self, sock: zmq.Socket, batch: list[_Pending], now: float,
+               counts: Counter[str]) -> None:
+        work = self._parked + batch
+        self._parked = []
+        work.sort(key=lambda p: (p.req.cls, p.seq))
+        for p in work[self.max_queue:]:  # the lowest classes, the latest arrivals
+            self._emit(sock, None, p, error_reply(
+                p.req, Status.SLOW_DOWN, f"server queue is full ({self.max_queue} requests)"),
+                now, counts)
+        del work[self.max_queue:]
+        done = 0
+        try:
+            with self.store.reader() as r:
+                last = r.last_lsn
+                for p in work:
+                    done += 1
+                    if p.req.nms > last:
+                        if now - p.arrival < self.lsn_wait:
+                            self._parked.append(p)
+                            continue
+                        reply = error_reply(p.req, Status.INTERNAL_ERROR,
+                                            f"store at LSN {last} has not reached "
+                                            f"not_modified_since {p.req.nms} after waiting "
+                                            f"{self.lsn_wait:g}s")
+                    else:
+                        reply = self._answer(r, p.req)
+                    self._emit(sock, r, p, reply, now, counts)
+        except StoreError as e:  # the store itself failed: fail the rest, keep serving
+            log.error("page store failed: %s", e)
+            failed = ([work[done - 1]] if done else []) + work[done:] + self._parked
+            self._parked = []
+            for p in failed:
+                self._emit(sock, None, p, error_reply(p.req, Status.INTERNAL_ERROR,
+                                                      f"page store failed: {e}"), now, counts)
+
+    def _answer(self, r: StoreReader, req: Request) -> Reply:
+        try:
+            if isinstance(req, GetPagesRequest):
+                return self._get_pages(r, req)
+            if self.shard != 0:
+                return error_reply(req, Status.INVALID_REQUEST,
+                                   f"{req.kind.name} is served by shard 0, this is shard "
+                                   f"{self.shard}")
+            common = (req.id, req.attempt, Status.OK, req.lsn, req.nms)
+            if isinstance(req, RelSizeRequest):
+                n = r.nblocks(req.rel, req.lsn)
+                if n is not None or req.allow_missing:
+                    return RelSizeReply(*common, rel=req.rel, exists=n is not None,
+                                        nblocks=n or 0)
+                return error_reply(req, Status.NOT_FOUND,
+                                   f"relation {req.rel} does not exist at LSN {req.lsn}")
+            if isinstance(req, DbSizeRequest):
+                size = r.db_size(req.db, req.lsn)
+                if size is None:
+                    return error_reply(req, Status.NOT_FOUND,
+                                       f"database {req.db} has no size at LSN {req.lsn}")
+                return DbSizeReply(*common, db=req.db, size=size)
+            seg = r.get_slru(req.slru_kind, req.segno, req.lsn)
+            if seg is None:
+                return error_reply(req, Status.NOT_FOUND,
+                                   f"SLRU {req.slru_kind.name} segment {req.segno} not found "
+                                   f"at LSN {req.lsn}")
+            return SlruSegmentReply(*common, slru_kind=req.slru_kind, segno=req.segno,
+                                    segment=seg)
+        except StoreError:
+            raise
+        except Exception as e:  # a bug must cost one request, not the server
+            log.exception("serving %r failed", req)
+            return error_reply(req, Status.INTERNAL_ERROR, f"server error: {e}")
+
+    def _get_pages(self, r: StoreReader, req: GetPagesRequest) -> Reply:
+        rel, blocks, lsn = req.rel, req.blocks, req.lsn
+        if self.shard_count > 1:
+            checked: set[int] = set()
+            for b in blocks:
+                stripe = b // self.stripe_size
+                if stripe in checked:
+                    continue
+                checked.add(stripe)
+                owner = shard_for(rel, b, self.shard_count, self.stripe_size)
+                if owner != self.shard:
+                    return error_reply(req, Status.INVALID_REQUEST,
+                                       f"block {b} of {rel} belongs to shard {owner}, "
+                                       f"this is shard {self.shard}")
+        n = r.nblocks(rel, lsn)
+        if n is None:
+            return error_reply(req, Status.NOT_FOUND,
+                               f"relation {rel} does not exist at LSN {lsn}")
+        for b in blocks:
+            if b >= n:
+                return error_reply(req, Status.NOT_FOUND, f"block {b} of {rel} is beyond "
+                                   f"its size of {n} blocks at LSN {lsn}")
+        pages = r._get_pages(rel, blocks, lsn)
+        for b, page in zip(blocks, pages, strict=True):
+            if page is None:
+                return error_reply(req, Status.NOT_FOUND,
+                                   f"no version of block {b} of {rel} at or below LSN {lsn}")
+        return GetPagesReply(req.id, req.attempt, Status.OK, lsn, req.nms, rel, blocks,
+                             tuple(pages))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ replies
+
+    def _emit(self, sock: zmq.Socket, r: StoreReader | None, p: _Pending, reply: Reply,
+              now: float, counts: Counter[str]) -> None:
+        f = self.faults
+        if f is not None:
+            reply_or_frames = self._inject(f, r, p.req, reply, counts)
+            if reply_or_frames is None:
+                return
+            if isinstance(reply_or_frames, list):
+                self._schedule(sock, p, reply_or_frames, now, counts)
+                return
+            reply = reply_or_frames
+        if reply.status != Status.OK:
+            counts[f"errors.{reply.status.name}"] += 1
+        elif isinstance(reply, GetPagesReply):
+            counts["pages_served"] += len(reply.pages)
+        try:
+            frames = encode_reply(reply)
+        except ProtocolError as e:  # e.g. a corrupt record of the wrong size
+            log.error("cannot encode reply to %r: %s", p.req, e)
+            counts["errors.INTERNAL_ERROR"] += 1
+            frames = encode_reply(error_reply(p.req, Status.INTERNAL_ERROR,
+                                              f"cannot encode reply: {e}"))
+        self._schedule(sock, p, frames, now, counts)
+
+    def _schedule(self, sock: zmq.Socket, p: _Pending, frames: list[bytes], now: float,
+                  counts: Counter[str]) -> None:
+        due = p.arrival + self.latency
+        if due <= now:
+            self._send(sock, p.envelope, frames, counts)
+        else:
+            self._seq += 1
+            heapq.heappush(self._delayed, (due, self._seq, p.envelope + frames))
+
+    def _flush_delayed(self, sock: zmq.Socket, now: float, counts: Counter[str]) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, msg = heapq.heappop(self._delayed)
+            self._send(sock, [], msg, counts)
+
+    def _send(self, sock: zmq.Socket, envelope: list[bytes], frames: list[bytes],
+              counts: Counter[str]) -> None:
+        try:
+            sock.send_multipart(envelope + frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone or its queue full: the client will time out
+            counts["send_errors"] += 1
+            log.debug("reply not sent: %s", e)
+
+    def _inject(self, f: ServerFaults, r: StoreReader | None, req: Request, reply: Reply,
+                counts: Counter[str]) -> Reply | list[bytes] | None:
+        """Apply the fault hooks: None = drop, list = raw frames, else a (new) reply."""
+        rnd = self._rng.random
+        if f.drop_rate and rnd() < f.drop_rate:
+            counts["faults.dropped"] += 1
+            return None
+        if f.garbage_rate and rnd() < f.garbage_rate:
+            counts["faults.garbage"] += 1
+            return [self._rng.randbytes(self._rng.randint(0, 64))
+                    for _ in range(self._rng.randint(1, 3))]
+        if f.error_status is not None and f.error_status != Status.OK and rnd() < f.error_rate:
+            counts["faults.error_status"] += 1
+            return error_reply(req, Status(f.error_status), "injected fault")
+        if not isinstance(reply, GetPagesReply) or reply.status != Status.OK:
+            return reply
+        blocks, pages = list(reply.blocks), list(reply.pages)
+        if f.wrong_block_rate and rnd() < f.wrong_block_rate and r is not None:
+            counts["faults.wrong_block"] += 1
+            i = self._rng.randrange(len(blocks))
+            b = blocks[i] + 1 if blocks[i] < MAX_BLOCKNO else blocks[i] - 1
+            blocks[i] = b
+            pages[i] = r._get_pages(reply.rel, [b], reply.lsn)[0] or _ZERO_PAGE
+        if f.corrupt_rate and rnd() < f.corrupt_rate:
+            counts["faults.corrupt"] += 1
+            i = self._rng.randrange(len(pages))
+            buf = bytearray(pages[i])
+            for _ in range(4):
+                buf[self._rng.randrange(BLCKSZ)] ^= 0xFF
+            pages[i] = bytes(buf)
+        return GetPagesReply(reply.id, reply.attempt, reply.status, reply.lsn, reply.nms,
+                             reply.rel, tuple(blocks), tuple(pages))
+
+
+def _malformed_reply(head: bytes, ids: tuple[int, int], reason: str) -> Reply:
+    """An INVALID_REQUEST reply to a request that did not decode, echoing what can be read."""
+    rid, attempt = ids
+    try:
+        _, kind, _, _, _, _, lsn, nms = _PREFIX.unpack_from(head)
+    except struct.error:
+        kind, lsn, nms = Kind.GET_PAGES, 0, 0
+    if nms > lsn:
+        lsn = nms = 0
+    common = (rid, attempt, Status.INVALID_REQUEST, lsn, nms)
+    kind &= ~REPLY_FLAG
+    reason = f"malformed request: {reason}"
+    nil = RelTag(0, 0, 0, 0)
+    if kind == Kind.REL_SIZE:
+        return RelSizeReply(*common, rel=nil, reason=reason)
+    if kind == Kind.DB_SIZE:
+        return DbSizeReply(*common, db=0, reason=reason)
+    if kind == Kind.SLRU_SEGMENT:
+        return SlruSegmentReply(*common, slru_kind=SlruKind.CLOG, segno=0, reason=reason)
+    return GetPagesReply(*common, rel=nil, blocks=(0,), reason=reason)
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve one shard of a page store")
+    p.add_argument("--store", required=True, help="sharded store directory (with layout.json)")
+    p.add_argument("--shard", type=int, required=True, help="which shard to serve")
+    p.add_argument("--shard-count", type=int, help="must match layout.json (default: from it)")
+    p.add_argument("--stripe-size", type=int, help="must match layout.json (default: from it)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:0", help="ZeroMQ endpoint to bind")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="injected reply latency")
+    p.add_argument("--lsn-wait", type=float, default=1.0,
+                   help="seconds to wait for the store to reach not_modified_since")
+    p.add_argument("--max-queue", type=int, default=4096, help="SLOW_DOWN beyond this")
+    p.set_defaults(func=_serve_cli)
+
+
+def _serve_cli(args: argparse.Namespace) -> int:
+    from ._store import open_shard_store, read_layout
+
+    try:
+        layout = read_layout(args.store)
+        for opt, key in (("shard_count", "shard_count"), ("stripe_size", "stripe_size")):
+            given = getattr(args, opt)
+            if given is not None and given != layout[key]:
+                raise ShardsError(f"--{opt.replace('_', '-')} {given} does not match "
+                                  f"{key}={layout[key]} in {args.store}/layout.json")
+        store = open_shard_store(args.store, args.shard, readonly=True)
+    except (ShardsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with store, PageServer(store, args.shard, layout["shard_count"], layout["stripe_size"],
+                               args.bind, latency=args.latency_ms / 1000.0,
+                               lsn_wait=args.lsn_wait, max_queue=args.max_queue) as srv:
+            print(f"READY {srv.endpoint}", flush=True)
+            while not stop.wait(0.5):
+                pass
+            log.info("stopping: %s", srv.stats())
+    except (ShardsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

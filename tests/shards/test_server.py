@@ -1,0 +1,306 @@
+"""PageServer in-process: every request kind, priorities, sharding, LSN waits,
+malformed frames, latency overlap, fault injection, stop/start."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from shards._errors import ShardsError
+from shards._protocol import (
+    DbSizeRequest,
+    GetPagesRequest,
+    RelSizeRequest,
+    Reply,
+    Request,
+    RequestClass,
+    SlruKind,
+    SlruSegmentRequest,
+    Status,
+    decode_reply,
+    encode_request,
+)
+from shards._server import PageServer, ServerFaults
+from shards._shardmap import shard_for
+from shards._store import PageStore
+from shards._types import BLCKSZ, RelTag
+
+pytestmark = pytest.mark.timeout(30)
+REL = RelTag(1663, 16384, 16397)
+NORMAL, PREFETCH, BACKGROUND = RequestClass.NORMAL, RequestClass.PREFETCH, RequestClass.BACKGROUND
+
+
+def page(rel: RelTag, blkno: int, lsn: int) -> bytes:
+    return (f"{rel}:{blkno}@{lsn};".encode() * BLCKSZ)[:BLCKSZ]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[PageStore]:
+    with PageStore(tmp_path / "s", map_size=1 << 28) as s:
+        with s.batch() as b:
+            b.set_nblocks(REL, 10, 8)
+            for i in range(8):
+                b.put_page(REL, i, 10, page(REL, i, 10))
+            b.put_page(REL, 3, 20, page(REL, 3, 20))
+            b.set_db_size(16384, 10, 12345)
+            b.put_slru(SlruKind.CLOG, 2, 10, b"\x55" * (2 * BLCKSZ))
+        yield s
+
+
+class Client:
+    """A DEALER connection with helpers; owned by the test thread."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.next_id = 0
+
+    def get(self, blocks: list[int], lsn: int = 100, nms: int = 0, cls: RequestClass = NORMAL,
+            rel: RelTag = REL) -> GetPagesRequest:
+        self.next_id += 1
+        return GetPagesRequest(self.next_id, 0, cls, lsn, nms, rel, tuple(blocks))
+
+    def send(self, req: Request) -> None:
+        self.sock.send_multipart(encode_request(req))
+
+    def recv_frames(self, timeout: float = 5.0) -> list[bytes] | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.sock.recv_multipart()
+
+    def recv(self, timeout: float = 5.0) -> Reply:
+        frames = self.recv_frames(timeout)
+        assert frames is not None, "no reply"
+        return decode_reply(frames)
+
+    def call(self, req: Request) -> Reply:
+        self.send(req)
+        reply = self.recv()
+        assert (reply.id, reply.kind) == (req.id, req.kind)
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def settled_stats(srv: PageServer) -> dict:
+    """Stats once the loop has published the iteration that sent the last reply."""
+    time.sleep(0.1)  # counters are merged right after an iteration's replies go out
+    return srv.stats()
+
+
+@pytest.fixture
+def serve(store: PageStore) -> Iterator:
+    made: list[tuple[PageServer, Client]] = []
+
+    def make(**kw) -> tuple[PageServer, Client]:
+        srv = PageServer(store, **kw).start()
+        cl = Client(srv.endpoint)
+        made.append((srv, cl))
+        return srv, cl
+
+    yield make
+    for srv, cl in made:
+        cl.close()
+        srv.stop()
+
+
+def test_get_pages_versions_and_errors(serve) -> None:
+    srv, c = serve()
+    assert srv.endpoint.startswith("tcp://127.0.0.1:") and not srv.endpoint.endswith(":0")
+    r = c.call(c.get([3, 0, 7], lsn=15))
+    assert r.status == Status.OK and r.blocks == (3, 0, 7)
+    assert r.pages == (page(REL, 3, 10), page(REL, 0, 10), page(REL, 7, 10))
+    assert c.call(c.get([3], lsn=25)).pages == (page(REL, 3, 20),)
+    r = c.call(c.get([8], lsn=25))
+    assert r.status == Status.NOT_FOUND and "block 8" in r.reason and "beyond" in r.reason
+    r = c.call(c.get([0], lsn=5))
+    assert r.status == Status.NOT_FOUND and "does not exist" in r.reason
+    r = c.call(c.get([0], rel=RelTag(1663, 16384, 99)))
+    assert r.status == Status.NOT_FOUND
+    st = settled_stats(srv)
+    assert st["requests"]["GET_PAGES"] == 5 and st["classes"]["NORMAL"] == 5
+    assert st["pages_served"] == 4 and st["errors"]["NOT_FOUND"] == 3
+
+
+def test_rel_size_db_size_slru(serve) -> None:
+    _, c = serve()
+    r = c.call(RelSizeRequest(1, 0, NORMAL, 15, 0, REL, False))
+    assert (r.status, r.exists, r.nblocks) == (Status.OK, True, 8)
+    r = c.call(RelSizeRequest(2, 0, NORMAL, 5, 0, REL, True))
+    assert (r.status, r.exists, r.nblocks) == (Status.OK, False, 0)
+    assert c.call(RelSizeRequest(3, 0, NORMAL, 5, 0, REL, False)).status == Status.NOT_FOUND
+    r = c.call(DbSizeRequest(4, 0, NORMAL, 15, 0, 16384))
+    assert (r.status, r.size) == (Status.OK, 12345)
+    assert c.call(DbSizeRequest(5, 0, NORMAL, 15, 0, 1)).status == Status.NOT_FOUND
+    r = c.call(SlruSegmentRequest(6, 0, NORMAL, 15, 0, SlruKind.CLOG, 2))
+    assert (r.status, r.segment) == (Status.OK, b"\x55" * (2 * BLCKSZ))
+    r = c.call(SlruSegmentRequest(7, 0, NORMAL, 15, 0, SlruKind.CLOG, 3))
+    assert r.status == Status.NOT_FOUND
+
+
+def test_sharding(serve) -> None:
+    owners = {b: shard_for(REL, b, 2, 2) for b in range(8)}
+    srv1, c = serve(shard=1, shard_count=2, stripe_size=2)
+    mine = [b for b, s in owners.items() if s == 1]
+    other = [b for b, s in owners.items() if s == 0]
+    assert mine and other
+    assert c.call(c.get(mine)).status == Status.OK
+    r = c.call(c.get(mine + other[:1]))
+    assert r.status == Status.INVALID_REQUEST and f"block {other[0]}" in r.reason
+    for req in (RelSizeRequest(50, 0, NORMAL, 15, 0, REL, True),
+                DbSizeRequest(51, 0, NORMAL, 15, 0, 16384),
+                SlruSegmentRequest(52, 0, NORMAL, 15, 0, SlruKind.CLOG, 2)):
+        r = c.call(req)
+        assert r.status == Status.INVALID_REQUEST and "shard 0" in r.reason
+
+
+def test_priorities_within_a_drained_batch(serve) -> None:
+    srv, c = serve(latency=0.0)
+    # freeze the loop in a long batch window: queue prefetches, then normals, then let it run
+    orig = srv.store.reader
+
+    gate = {"hold": True}
+
+    def slow_reader():
+        while gate["hold"]:
+            time.sleep(0.01)
+        return orig()
+
+    srv.store.reader = slow_reader  # type: ignore[method-assign]
+    try:
+        c.send(c.get([0]))  # the loop takes this one and blocks in slow_reader
+        time.sleep(0.1)
+        order = []
+        for cls in (BACKGROUND, PREFETCH, PREFETCH, NORMAL, NORMAL):
+            req = c.get([1], cls=cls)
+            order.append((req.id, cls))
+            c.send(req)
+        time.sleep(0.2)
+        gate["hold"] = False
+        first = c.recv()
+        assert first.id == 1
+        got = [c.recv().id for _ in order]
+        by_id = dict(order)
+        classes = [by_id[i] for i in got]
+        assert classes == [NORMAL, NORMAL, PREFETCH, PREFETCH, BACKGROUND]
+    finally:
+        gate["hold"] = False
+        del srv.store.reader
+
+
+def test_lsn_wait_then_error_without_blocking_others(serve, store: PageStore) -> None:
+    srv, c = serve(lsn_wait=0.3)
+    t0 = time.monotonic()
+    waiting = c.get([0], lsn=500, nms=500)
+    c.send(waiting)
+    time.sleep(0.05)
+    quick = c.call(c.get([1], lsn=15))       # served while the other one is parked
+    assert quick.status == Status.OK and time.monotonic() - t0 < 0.25
+    r = c.recv()
+    assert r.id == waiting.id and r.status == Status.INTERNAL_ERROR
+    assert "has not reached not_modified_since 500" in r.reason
+    assert time.monotonic() - t0 >= 0.3
+    # the store catches up while a request is parked: it is then served
+    slow = c.get([0], lsn=600, nms=600)
+    c.send(slow)
+    time.sleep(0.05)
+    store.set_last_lsn(600)
+    r = c.recv()
+    assert r.id == slow.id and r.status == Status.OK and r.pages == (page(REL, 0, 10),)
+
+
+def test_slow_down_when_queue_full(serve) -> None:
+    srv, c = serve(lsn_wait=5.0, max_queue=2)
+    parked = [c.get([0], lsn=900, nms=900) for _ in range(2)]
+    for req in parked:
+        c.send(req)
+    time.sleep(0.1)
+    r = c.call(c.get([1], cls=PREFETCH))
+    assert r.status == Status.SLOW_DOWN and "queue is full" in r.reason
+    assert settled_stats(srv)["parked"] == 2
+
+
+def test_malformed_frames_survived(serve) -> None:
+    srv, c = serve()
+    good = encode_request(c.get([0]))[0]
+    c.sock.send(b"junk")                                     # no readable id: dropped
+    c.sock.send_multipart([good, b"extra"])                  # two frames: answered
+    bad_kind = bytearray(good)
+    bad_kind[1] = 77
+    c.sock.send(bytes(bad_kind))                             # unknown kind: answered
+    c.sock.send(good[:40])                                   # truncated GetPages: answered
+    replies = [c.recv() for _ in range(3)]
+    assert all(r.status == Status.INVALID_REQUEST for r in replies)
+    assert all(r.id == 1 and "malformed" in r.reason for r in replies)
+    assert c.recv_frames(0.1) is None
+    assert c.call(c.get([0], lsn=15)).status == Status.OK
+    st = settled_stats(srv)
+    assert st["malformed_dropped"] == 1 and st["malformed_answered"] == 3
+
+
+def test_latency_overlaps(serve) -> None:
+    _, c = serve(latency=0.05)
+    t0 = time.monotonic()
+    reqs = [c.get([i % 8], lsn=15) for i in range(20)]
+    for req in reqs:
+        c.send(req)
+    got = {c.recv().id for _ in reqs}
+    elapsed = time.monotonic() - t0
+    assert got == {r.id for r in reqs}
+    assert 0.05 <= elapsed < 0.5, elapsed  # serialised would be 1.0 s
+
+
+def test_faults(serve, store: PageStore) -> None:
+    faults = ServerFaults(seed=1)
+    srv, c = serve(faults=faults)
+    faults.drop_rate = 1.0
+    c.send(c.get([0]))
+    assert c.recv_frames(0.2) is None
+    faults.drop_rate = 0.0
+    faults.error_status = Status.SLOW_DOWN
+    r = c.call(c.get([0]))
+    assert r.status == Status.SLOW_DOWN and r.reason == "injected fault"
+    faults.error_status = None
+    faults.corrupt_rate = 1.0
+    r = c.call(c.get([2], lsn=15))
+    assert r.status == Status.OK and r.pages[0] != page(REL, 2, 10)
+    faults.corrupt_rate = 0.0
+    faults.wrong_block_rate = 1.0
+    r = c.call(c.get([2], lsn=15))
+    assert r.blocks == (3,) and r.pages == (page(REL, 3, 10),)
+    faults.wrong_block_rate = 0.0
+    faults.garbage_rate = 1.0
+    c.send(c.get([0]))
+    assert c.recv_frames() is not None  # something arrived, whatever it is
+    faults.garbage_rate = 0.0
+    assert c.call(c.get([4], lsn=15)).pages == (page(REL, 4, 10),)
+    f = settled_stats(srv)["faults"]
+    assert f == {"dropped": 1, "error_status": 1, "corrupt": 1, "wrong_block": 1, "garbage": 1}
+
+
+def test_lifecycle(store: PageStore) -> None:
+    srv = PageServer(store)
+    with pytest.raises(ShardsError, match="not started"):
+        _ = srv.endpoint
+    srv.start()
+    t0 = time.monotonic()
+    srv.stop()
+    srv.stop()
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ShardsError, match="cannot start"):
+        srv.start()
+    with PageServer(store) as srv2:
+        with pytest.raises(ShardsError, match="cannot bind"):
+            PageServer(store, bind=srv2.endpoint).start()
+    with pytest.raises(ValueError, match="shard"):
+        PageServer(store, shard=2, shard_count=2)
+    with pytest.raises(ValueError, match="latency"):
+        PageServer(store, latency=-1)
