@@ -32,13 +32,15 @@ def hash_combine(a: int, b: int) -> int:
 
 
 def check_shard_params(shard_count: int, stripe_size: int) -> None:
-    if not isinstance(shard_count, int) or isinstance(shard_count, bool) or not 1 <= shard_count <= 255:
+    if (not isinstance(shard_count, int) or isinstance(shard_count, bool)
+            or not 1 <= shard_count <= 255):
         raise ValueError(f"shard_count must be an int in 1..255, got {shard_count!r}")
     if not isinstance(stripe_size, int) or isinstance(stripe_size, bool) or stripe_size < 1:
         raise ValueError(f"stripe_size must be a positive int, got {stripe_size!r}")
 
 
-def shard_for(rel: RelTag, blkno: int, shard_count: int, stripe_size: int = DEFAULT_STRIPE_SIZE) -> int:
+def shard_for(rel: RelTag, blkno: int, shard_count: int,
+              stripe_size: int = DEFAULT_STRIPE_SIZE) -> int:
     """The shard (0..shard_count-1) that owns block ``blkno`` of ``rel``."""
     if shard_count < 2 or rel.fork == INIT_FORKNUM:
         return 0
