@@ -54,6 +54,7 @@ class Backend:
         self._orphans: list[Slot] = []  # owner thread only
         self._owner: int | None = None
         self._rels: set[RelTag] = set()  # RelTags already validated (owner thread only)
+        self._counts = {"reads": 0, "hits": 0, "joins": 0}  # pages; owner thread only
         self._timeout = comm.config.request_timeout
         self._buffer = comm._buffer
         # _lock guards: _push (the sockets) and _closed; held while sending so that a
@@ -73,16 +74,20 @@ class Backend:
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         slot = self._take_slot(deadline)
+        counts = self._counts
+        counts["reads"] += 1
         if self._buffer._entries:  # racy peek: an empty buffer needs no lock
             slot.arm_join(rel, lsn, nms, deadline)
             slot.add_part()
             kind, val = self._buffer.lookup(rel, blkno, lsn, nms, (slot, 0))
             if kind == JOINED:
+                counts["joins"] += 1
                 self._promote(val)
                 slot.seal()
                 return self._wait(slot, deadline)[0]
             slot.disarm()
             if kind == HIT:
+                counts["hits"] += 1
                 self._free.append(slot.index)
                 return val
         shard = self._comm._shard_of(rel, blkno)
@@ -100,6 +105,7 @@ class Backend:
         blks = check_blocks(blocks)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         out: list[Any] = [None] * len(blks)
+        self._counts["reads"] += len(blks)
         join, missing = self._join_buffered(rel, blks, lsn, nms, deadline, out)
         chunks = self._chunks(rel, blks, missing)
         if len(chunks) > len(self._slots) - (join is not None):
@@ -130,12 +136,14 @@ class Backend:
             join.add_part()
             kind, val = self._buffer.lookup(rel, b, lsn, nms, (join, i))
             if kind == JOINED:
+                self._counts["joins"] += 1
                 if id(val) not in promoted:
                     promoted.add(id(val))
                     self._promote(val)
                 continue
             join.deliver_part(-1, None)  # not joined: take the part back
             if kind == HIT:
+                self._counts["hits"] += 1
                 out[i] = val
             else:
                 missing.append(i)
@@ -201,6 +209,11 @@ class Backend:
             if slot.state == SlotState.PENDING:
                 n += slot.cancel(Cancelled(f"{self.name}: request cancelled"))
         return n
+
+    def stats(self) -> dict[str, int]:
+        """This backend's pages read, and how many came from the prefetch buffer
+        (``hits``) or from a prefetch already in flight (``joins``)."""
+        return {**self._counts, "slots": len(self._slots), "slots_in_use": self.slots_in_use()}
 
     def slots_in_use(self) -> int:
         return sum(1 for s in self._slots if s.state != SlotState.FREE)

@@ -147,7 +147,7 @@ class PrefetchBuffer:
                         c.dropped += 1
                         continue
                     self._remove(key, e)
-                if not self._make_room(owner):
+                if self._at_share(owner) or not self._make_room(owner):
                     c.dropped += 1
                     continue
                 self._entries[key] = _Entry(owner, lsn, nms)
@@ -232,15 +232,27 @@ class PrefetchBuffer:
             self._disown(key, e)
             self._consumed[key] = None
 
+    def _at_share(self, owner: int) -> bool:
+        """Whether ``owner`` already holds its fair share of unread (ready or in-flight)
+        pages while other backends hold some too. In-flight pages cannot be evicted,
+        so the share must be enforced when reserving, not only when evicting."""
+        mine = self._by_owner.get(owner)
+        if not mine:
+            return False
+        # _by_owner holds only non-empty maps (see _disown); -1 holds departed backends'
+        others = len(self._by_owner) - 1 - (-1 in self._by_owner)
+        return others > 0 and len(mine) >= self.capacity // (others + 1)
+
     def _make_room(self, owner: int) -> bool:
         if self.capacity <= 0:
             return False
         if len(self._entries) < self.capacity:
             return True
-        if self._consumed:
-            key = next(iter(self._consumed))
-            self._remove(key, self._entries[key])
-            return True
+        for key in self._consumed:  # pages already read go first (never one in flight:
+            e = self._entries[key]  # readers may have joined it)
+            if e.state == READY:
+                self._remove(key, e)
+                return True
         if -1 in self._by_owner:  # pages of backends that left
             return self._evict_oldest(-1)
         active = [o for o, keys in self._by_owner.items() if keys]

@@ -140,3 +140,13 @@ def test_different_lsn_replaces_ready_entry():
     buf.fill(REL, 1, 300, b"n" * 8192)
     assert buf.take(REL, 1, 300, 300) == b"n" * 8192
     assert buf.take(REL, 1, 100, 100) is None
+
+
+def test_joined_entry_in_flight_is_never_evicted():
+    buf = PrefetchBuffer(2)
+    buf.reserve(1, REL, [1], 100, 100)
+    assert buf.lookup(REL, 1, 100, 100, ("slot", 0))[0] == JOINED  # consumed, still pending
+    filled(buf, 2, [2])
+    buf.take(REL, 2, 100, 100)
+    filled(buf, 2, [3])  # room is made from the READY consumed page 2, not from 1
+    assert buf.fill(REL, 1, 100, PAGE) == [("slot", 0)]

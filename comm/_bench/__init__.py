@@ -1,0 +1,184 @@
+"""``python -m comm bench``: the raw ceiling, the old design and pagecomm, side by side.
+
+Theory of operation
+-------------------
+One run generates one synthetic store, then for each injected latency starts ONE
+LocalCluster (page servers as subprocesses) and measures every requested
+(design, workload, backends) cell against those same servers: (a) ``raw``, a
+pipelined pyzmq client with no communicator logic; (b) ``old``, one connection
+per backend per shard with a 128-deep readahead ring; (c) ``pagecomm``. Results
+go to a table on stdout, ``results.json`` and two PNG plots in ``--out``; the
+issue's targets are computed as ratios of cells of this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _report
+from ._setup import Dataset, Params
+from ._workloads import WORKLOADS, run_cell
+
+__all__ = ["add_cli", "main", "run_cli"]
+
+DESIGNS = ("raw", "old", "pagecomm")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,16,64, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}") from None
+    return vals
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}") from None
+    return vals
+
+
+def _choices(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        vals = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in vals if v not in allowed]
+        if not vals or bad:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {','.join(allowed)}")
+        return vals
+    return parse
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backends", type=_ints, default=[1, 16, 64],
+                   help="backend thread counts (list, default 1,16,64)")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--threads-per-shard", type=int, default=1, help="pagecomm workers per shard")
+    p.add_argument("--inflight", type=int, default=64,
+                   help="in-flight window per connection (pagecomm and raw)")
+    p.add_argument("--latency-ms", type=_floats, default=[0.0, 0.5],
+                   help="injected server latencies (list, default 0,0.5)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per cell")
+    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--designs", type=_choices(DESIGNS), default=list(DESIGNS))
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="JSON + PNG directory")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny CI smoke run: 2 shards, 2 backends, 0.3 s cells, latency 0")
+    p.add_argument("--rels", type=int, default=8)
+    p.add_argument("--pages-per-rel", type=int, default=16384)
+    p.add_argument("--scan-batch", type=int, default=32, help="pages per foreground scan call")
+    p.add_argument("--distance", type=int, default=128,
+                   help="prefetch distance (pagecomm) = readahead ring size (old design)")
+    p.add_argument("--prefetch-pages", type=int, default=0,
+                   help="pagecomm prefetch buffer (default: backends x (distance + batch), "
+                   "at least 4096)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register ``bench`` on ``python -m comm``'s sub-commands."""
+    p = subparsers.add_parser("bench", help="benchmark: raw ceiling vs old design vs pagecomm",
+                              description=__doc__.split("\n\n")[0] if __doc__ else None)
+    _configure(p)
+    p.set_defaults(func=run_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m comm bench")
+    _configure(p)
+    return run_cli(p.parse_args(argv))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.backends, args.shards, args.duration = [2], 2, min(args.duration, 0.3)
+        args.latency_ms, args.pages_per_rel, args.rels = [0.0], 1024, 4
+    if args.pages_per_rel < args.scan_batch or args.scan_batch > 32:
+        sys.exit("bench: need --pages-per-rel >= --scan-batch and --scan-batch <= 32")
+    params = Params(shards=args.shards, threads_per_shard=args.threads_per_shard,
+                    inflight=args.inflight, duration=args.duration, rels=args.rels,
+                    pages_per_rel=args.pages_per_rel, scan_batch=args.scan_batch,
+                    distance=args.distance, prefetch_pages=args.prefetch_pages)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = _run(args, params)
+    ts = _report.targets(cells, params.shards)
+    print(_report.table(cells))
+    print()
+    print(_report.targets_table(ts))
+    doc = {"command": "python -m comm bench " + shlex.join(sys.argv[2:] if
+                                                            sys.argv[1:2] == ["bench"] else
+                                                            sys.argv[1:]),
+           "params": vars(params), "host": {"cpus": os.cpu_count(),
+                                            "python": platform.python_version(),
+                                            "platform": platform.platform()},
+           "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": cells, "targets": ts}
+    _report.write_json(args.out / "results.json", doc)
+    files = [args.out / "results.json"]
+    if not args.no_plots:
+        files += _report.plots(cells, args.out)
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    bad = sum(c["wrong"] for c in cells)
+    if bad:
+        print(f"bench: {bad} pages did not match their expected bytes", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(design, workload, backends) per latency; raw once per request size."""
+    plan = []
+    for wl in args.workloads:
+        if "raw" in args.designs and wl in ("random", "scan"):
+            plan.append(("raw", wl, 0))
+        for d in ("old", "pagecomm"):
+            if d in args.designs:
+                plan += [(d, wl, b) for b in args.backends]
+    if "raw" in args.designs and "scan" not in args.workloads and "samescan" in args.workloads:
+        plan.append(("raw", "scan", 0))
+    return plan
+
+
+def _run(args: argparse.Namespace, p: Params) -> list[dict[str, Any]]:
+    plan = _plan(args)
+    progress = not args.no_progress
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan) * len(args.latency_ms), unit="cell", desc="bench",
+                   file=sys.stderr)
+    root = Path(tempfile.mkdtemp(prefix="pagecomm-bench-"))
+    cells: list[dict[str, Any]] = []
+    try:
+        ds = Dataset(root, p, progress=False)
+        for lat in args.latency_ms:
+            with ds.cluster(lat) as cluster:
+                for design, wl, b in plan:
+                    if bar is not None:
+                        bar.set_description(f"{lat:g}ms {wl} {design} x{b}")
+                    res = run_cell(design, wl, b, ds, cluster, p)
+                    cells.append({"design": design, "workload": wl, "latency_ms": lat,
+                                  "shards": p.shards, **res})
+                    if bar is not None:
+                        bar.set_postfix_str(f"{res['pages_per_s']:,.0f} pages/s")
+                        bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return cells
