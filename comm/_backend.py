@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from prefetch import HIT, JOINED
+from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
@@ -73,10 +73,16 @@ class Backend:
             self._check_rel(rel)
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
-        slot = self._take_slot(deadline)
         counts = self._counts
         counts["reads"] += 1
+        kind = MISS
         if self._buffer._entries:  # racy peek: an empty buffer needs no lock
+            kind, val = self._buffer.lookup(rel, blkno, lsn, nms, None)
+            if kind == HIT:  # served in this thread: no slot, no hop, no network
+                counts["hits"] += 1
+                return val
+        slot = self._take_slot(deadline)
+        if kind == INFLIGHT:  # join the prefetch on its way (it may land meanwhile)
             slot.arm_join(rel, lsn, nms, deadline)
             slot.add_part()
             kind, val = self._buffer.lookup(rel, blkno, lsn, nms, (slot, 0))

@@ -34,6 +34,7 @@ READY = 1
 HIT = 1     # lookup(): the page is here
 JOINED = 2  # lookup(): the page is on its way; the waiter will be completed with it
 MISS = 0    # lookup(): not here, not coming
+INFLIGHT = 3  # lookup() without a waiter: on its way; ask again with one to join
 
 
 class _Entry:
@@ -86,7 +87,7 @@ class PrefetchBuffer:
     def lookup(self, rel: Any, blk: int, lsn: int, nms: int, waiter: Any) -> tuple[int, Any]:
         """Serve a foreground read: (HIT, page), (JOINED, job) after registering
         ``waiter`` to be completed with the page, or (MISS, None). Runs in the reader's
-        thread; ``waiter=None`` means "do not join"."""
+        thread; with ``waiter=None`` a page in flight gives (INFLIGHT, job)."""
         key = (rel, blk)
         with self._lock:
             e = self._entries.get(key)
@@ -97,7 +98,7 @@ class PrefetchBuffer:
                 self._consume(key, e)
                 return HIT, e.page
             if waiter is None:
-                return MISS, None
+                return INFLIGHT, e.job
             self.counters.joins += 1
             e.waiters.append(waiter)
             self._consume(key, e)

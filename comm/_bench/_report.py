@@ -102,6 +102,12 @@ def targets(cells: Sequence[Cell], shards: int) -> list[dict[str, Any]]:
         else:
             out.append(_target(name, ">= 1.5x", None, None,
                                "needs old and pagecomm cells at 0.5 ms with 64 backends"))
+    return out + _latency_targets(cells)
+
+
+def _latency_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """The per-latency targets: mixed p99 and 16 -> 256 backend scaling."""
+    out = []
     for lat in sorted({c["latency_ms"] for c in cells}):
         mixed = _find(cells, design="pagecomm", workload="mixed", latency_ms=lat)
         name = f"mixed, {lat:g} ms: random readers' p99 with scans / alone"
@@ -149,60 +155,61 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
     lats = sorted({c["latency_ms"] for c in cells})
     wls = [w for w in ("random", "scan", "mixed", "samescan")
            if any(c["workload"] == w for c in cells)]
-    designs = [d for d in ("old", "pagecomm") if any(c["design"] == d for c in cells)]
-    colors = {"raw": "tab:gray", "old": "tab:red", "pagecomm": "tab:blue"}
     written = []
-    size = (4 * len(wls), 3.2 * len(lats))
-
-    fig, axes = plt.subplots(len(lats), len(wls), figsize=size, squeeze=False)
-    for i, lat in enumerate(lats):
-        for j, wl in enumerate(wls):
-            ax = axes[i][j]
-            for d in designs:
-                pts = sorted((c["backends"], c["pages_per_s"])
-                             for c in _find(cells, design=d, workload=wl, latency_ms=lat))
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-", color=colors[d], label=d)
-            raw = _find(cells, design="raw", latency_ms=lat,
-                        workload="random" if wl == "random" else "scan")
-            if raw and wl != "mixed":
-                ax.axhline(raw[0]["pages_per_s"], ls="--", color=colors["raw"],
-                           label=f"raw ({raw[0]['pages_per_request']} page/req)")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{wl}, {lat:g} ms injected", fontsize=9)
-            ax.set_xlabel("backends")
-            ax.set_ylabel("pages/s")
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "throughput_vs_backends.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    fig, axes = plt.subplots(len(lats), len(wls), figsize=size, squeeze=False)
-    for i, lat in enumerate(lats):
-        for j, wl in enumerate(wls):
-            ax = axes[i][j]
-            for d in ["raw", *designs]:
-                found = _find(cells, design=d, workload=wl if d != "raw" or wl != "mixed"
-                              else "none", latency_ms=lat)
-                if d == "raw" and wl == "samescan":
-                    found = _find(cells, design="raw", workload="scan", latency_ms=lat)
-                if not found or not found[0].get("cdf"):
-                    continue
-                c = max(found, key=lambda c: c["backends"])
-                ys = [k / len(c["cdf"]) for k in range(len(c["cdf"]))]
-                label = d if d == "raw" else f"{d} ({c['backends']} backends)"
-                ax.plot(c["cdf"], ys, color=colors[d], label=label)
-            ax.set_xscale("log")
-            ax.set_title(f"{wl}, {lat:g} ms: per-call latency CDF", fontsize=9)
-            ax.set_xlabel("ms")
-            ax.set_ylabel("fraction of calls")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "latency_cdf.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    for name, draw in (("throughput_vs_backends.png", _throughput),
+                       ("latency_cdf.png", _cdf_plot)):
+        fig, axes = plt.subplots(len(lats), len(wls), figsize=(4 * len(wls), 3.2 * len(lats)),
+                                 squeeze=False)
+        for i, lat in enumerate(lats):
+            for j, wl in enumerate(wls):
+                draw(axes[i][j], cells, lat, wl)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
     return written
+
+
+_COLORS = {"raw": "tab:gray", "old": "tab:red", "pagecomm": "tab:blue"}
+
+
+def _throughput(ax: Any, cells: Sequence[Cell], lat: float, wl: str) -> None:
+    for d in ("old", "pagecomm"):
+        pts = sorted((c["backends"], c["pages_per_s"])
+                     for c in _find(cells, design=d, workload=wl, latency_ms=lat))
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color=_COLORS[d], label=d)
+    raw = _find(cells, design="raw", latency_ms=lat,
+                workload="random" if wl == "random" else "scan")
+    if raw and wl != "mixed":
+        ax.axhline(raw[0]["pages_per_s"], ls="--", color=_COLORS["raw"],
+                   label=f"raw ({raw[0]['pages_per_request']} page/req)")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{wl}, {lat:g} ms injected", fontsize=9)
+    ax.set_xlabel("backends")
+    ax.set_ylabel("pages/s")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+
+
+def _cdf_plot(ax: Any, cells: Sequence[Cell], lat: float, wl: str) -> None:
+    """Per-call latency CDF of each design at its largest backend count."""
+    for d in ("raw", "old", "pagecomm"):
+        if d == "raw":
+            found = _find(cells, design="raw", latency_ms=lat,
+                          workload="random" if wl == "random" else "scan")
+            if wl == "mixed":
+                found = []
+        else:
+            found = _find(cells, design=d, workload=wl, latency_ms=lat)
+        if not found or not found[0].get("cdf"):
+            continue
+        c = max(found, key=lambda c: c["backends"])
+        ys = [k / len(c["cdf"]) for k in range(len(c["cdf"]))]
+        label = d if d == "raw" else f"{d} ({c['backends']} backends)"
+        ax.plot(c["cdf"], ys, color=_COLORS[d], label=label)
+    ax.set_xscale("log")
+    ax.set_title(f"{wl}, {lat:g} ms: per-call latency CDF", fontsize=9)
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of calls")
+    ax.legend(fontsize=7)
