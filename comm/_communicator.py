@@ -125,7 +125,9 @@ class Communicator:
         w = ShardWorker(self._ctx, shard, k, endpoint,
                         f"inproc://pagecomm-{self._uid}-s{shard}-w{k}",
                         window=self.config.inflight_per_conn,
-                        verify=self.config.verify_checksums)
+                        verify=self.config.verify_checksums,
+                        attempt_timeout=self.config.attempt_timeout,
+                        stuck_after=self.config.stuck_log_after)
         w.start()
         return w
 

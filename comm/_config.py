@@ -24,6 +24,8 @@ class CommConfig:
     prefetch_pages: int = 4096
     relsize_cache: int = 4096
     request_timeout: float = 30.0
+    attempt_timeout: float = 10.0
+    stuck_log_after: float = 10.0
     metrics_port: int | None = None
     verify_checksums: bool = False
     # not a COMM_* variable: the inproc pipes and sockets per Context
@@ -36,10 +38,11 @@ class CommConfig:
         _positive(self, "slots_per_backend", "COMM_SLOTS_PER_BACKEND", 1, 65535)
         _positive(self, "prefetch_pages", "COMM_PREFETCH_PAGES", 0, 1 << 24)
         _positive(self, "relsize_cache", "COMM_RELSIZE_CACHE", 0, 1 << 24)
-        t = self.request_timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:
-            raise ConfigError(f"COMM_REQUEST_TIMEOUT (request_timeout) must be a number of "
-                              f"seconds in (0, 1e6), got {t!r}")
+        for attr in ("request_timeout", "attempt_timeout", "stuck_log_after"):
+            t = getattr(self, attr)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:
+                raise ConfigError(f"COMM_{attr.upper()} ({attr}) must be a number of "
+                                  f"seconds in (0, 1e6), got {t!r}")
         if self.metrics_port is not None:
             _positive(self, "metrics_port", "COMM_METRICS_PORT", 0, 65535)
         if not isinstance(self.shards, tuple) or not all(isinstance(s, str) and s
@@ -83,7 +86,7 @@ def _parse(attr: str, env: str, raw: str) -> object:
                 if "://" not in ep:
                     raise ValueError(f"{ep!r} is not an endpoint like tcp://host:port")
             return eps
-        if attr == "request_timeout":
+        if attr in ("request_timeout", "attempt_timeout", "stuck_log_after"):
             return float(raw)
         if attr == "verify_checksums":
             low = raw.lower()

@@ -51,6 +51,7 @@ from shards.protocol import (
     encode_request,
 )
 
+from ._conn import Connection
 from ._errors import CommClosed, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, result_of
 
@@ -82,10 +83,13 @@ class ShardWorker:
     """One thread, one pipe, one connection. Created and started by the Communicator."""
 
     def __init__(self, ctx: zmq.Context, shard: int, index: int, server: str, pipe: str, *,
-                 window: int, verify: bool) -> None:
+                 window: int, verify: bool, attempt_timeout: float = 10.0,
+                 stuck_after: float = 10.0) -> None:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self._prefetch_window = max(1, window - max(1, window // 4))
+        self.attempt_timeout, self.stuck_after = attempt_timeout, stuck_after
+        self._logged: set[int] = set()  # request ids already logged as stuck
         self.name = f"comm-shard{shard}-w{index}"
         self.stats = WorkerStats()
         self.ready = threading.Event()
@@ -100,7 +104,7 @@ class ShardWorker:
         self._delayed: list[tuple[float, int, Any]] = []  # heap of (due, seq, job): retries
         self._seq = itertools.count()
         self._rid = itertools.count(1)
-        self._dealer: zmq.Socket | None = None
+        self._conn: Connection  # created in the worker thread
         self._blocked = False  # the DEALER refused a send (no peer): wait for POLLOUT
         self._stopping = False
         self._done: list[tuple[Any, Any]] = []  # completions to deliver before sleeping
@@ -117,39 +121,31 @@ class ShardWorker:
             pull.setsockopt(zmq.LINGER, 0)
             pull.setsockopt(zmq.RCVHWM, 0)
             pull.bind(self.pipe)
-            self._dealer = self._connect()
+            self._conn = Connection(self.ctx, self.server, self.name)
         except zmq.ZMQError as e:
             self.startup_error = e
             self.ready.set()
             return
         self.ready.set()
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
-        poller.register(self._dealer, zmq.POLLIN)
         try:
-            self._loop(pull, poller)
+            self._loop(pull)
         except zmq.ZMQError as e:  # the context was torn down under us
             log.error("%s: stopping on ZeroMQ error: %s", self.name, e)
         finally:
             self._fail_everything(pull)
             pull.close(0)
-            if self._dealer is not None:
-                self._dealer.close(0)
+            self._conn.close()
 
-    def _connect(self) -> zmq.Socket:
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)  # refuse sends while not connected: keep them queued here
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.RCVHWM, 0)
-        s.setsockopt(zmq.RECONNECT_IVL, 1)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        s.connect(self.server)
-        return s
+    def _poller(self, pull: zmq.Socket) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(self._conn.dealer, zmq.POLLIN)
+        poller.register(self._conn.monitor, zmq.POLLIN)
+        return poller
 
-    def _loop(self, pull: zmq.Socket, poller: zmq.Poller) -> None:
-        dealer = self._dealer
-        inbox = self.inbox
+    def _loop(self, pull: zmq.Socket) -> None:
+        conn, inbox = self._conn, self.inbox
+        poller, generation = self._poller(pull), conn.generation
         next_sweep = time.monotonic() + _SWEEP_INTERVAL
         while not self._stopping:
             if inbox:
@@ -165,10 +161,12 @@ class ShardWorker:
             for sock, _ in poller.poll(timeout):
                 if sock is pull:
                     self._drain_pipe(pull)
-                else:
+                elif sock is conn.dealer:
                     self._drain_replies()
+                else:
+                    self._on_conn_events()
             self.idle = False
-            if self._blocked and self._dealer is not None and self._dealer.poll(0, zmq.POLLOUT):
+            if self._blocked and conn.dealer.poll(0, zmq.POLLOUT):
                 self._blocked = False
             now = time.monotonic()
             if self._delayed and self._delayed[0][0] <= now:
@@ -178,10 +176,13 @@ class ShardWorker:
                 next_sweep = now + _SWEEP_INTERVAL
             self.stats.queued = len(self._queue) + len(self._delayed)
             self.stats.inflight = len(self._inflight)
-            if dealer is not self._dealer:  # connection was reset
-                poller.unregister(dealer)
-                dealer = self._dealer
-                poller.register(dealer, zmq.POLLIN)
+            if conn.generation != generation:  # the connection was reset
+                poller, generation = self._poller(pull), conn.generation
+
+    def _on_conn_events(self) -> None:
+        if zmq.EVENT_DISCONNECTED in self._conn.events() and self._inflight:
+            # the server (or the path to it) went away with our requests: retry them now
+            self._retry_inflight("disconnected")
 
     # ------------------------------------------------------------ intake
     def _drain_pipe(self, pull: zmq.Socket) -> None:
@@ -236,9 +237,8 @@ class ShardWorker:
                                      job.blocks)
         else:
             frame = self._encode_other(rid, job)
-        assert self._dealer is not None
         try:
-            self._dealer.send(frame, zmq.NOBLOCK)
+            self._conn.dealer.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE): keep it, wait until writable
             self._blocked = True
             self._enqueue(job)
@@ -260,11 +260,11 @@ class ShardWorker:
 
     # ------------------------------------------------------------ replies
     def _drain_replies(self) -> None:
-        dealer = self._dealer
-        assert dealer is not None
+        conn = self._conn
+        generation = conn.generation
         # ask EVENTS instead of catching zmq.Again: an exception per drain costs more
-        while dealer is self._dealer and dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._on_reply(dealer.recv_multipart(zmq.NOBLOCK))
+        while conn.generation == generation and conn.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._on_reply(conn.dealer.recv_multipart(zmq.NOBLOCK))
 
     def _on_reply(self, frames: list[bytes]) -> None:
         try:
@@ -330,25 +330,37 @@ class ShardWorker:
             self._enqueue(heapq.heappop(self._delayed)[2])
 
     def _reset(self, why: str) -> None:
-        """Drop the connection and everything in flight on it (a fresh DEALER gets a
-        fresh server-side identity, so nothing late from the old one can arrive)."""
+        """Drop the connection and retry everything in flight on a fresh one (a new
+        DEALER has a new server-side identity: nothing late from the old one arrives)."""
         log.warning("%s: resetting connection to %s: %s", self.name, self.server, why)
         self.stats.resets += 1
+        self._conn.reset()
+        self._blocked = False
+        self._retry_inflight(f"connection reset ({why})")
+
+    def _retry_inflight(self, why: str) -> None:
         inflight, self._inflight = self._inflight, {}
         for job, _ in inflight.values():
             if not self._retry(job):
-                job.fail(ShardUnavailable(f"shard {self.shard}: connection reset ({why})"))
-        if self._dealer is not None:
-            self._dealer.close(0)
-        self._dealer = self._connect()
-        self._blocked = False
+                self.stats.errors += 1
+                job.fail(ShardUnavailable(f"shard {self.shard}: {why}, and the deadline "
+                                          f"leaves no time to retry"))
 
     # ------------------------------------------------------------ deadlines, shutdown
     def _sweep(self, now: float) -> None:
-        expired = [rid for rid, (job, _) in self._inflight.items() if job.deadline <= now]
-        for rid in expired:
-            job = self._inflight.pop(rid)[0]
-            self._timeout(job)
+        """Deadlines, per-attempt timeouts and stuck-request logs (every 20 ms)."""
+        for rid, (job, sent) in list(self._inflight.items()):
+            age = now - sent
+            if job.deadline <= now:
+                del self._inflight[rid]
+                self._timeout(job)
+            elif age >= self.attempt_timeout and self._retry(job):
+                del self._inflight[rid]  # a late reply to this attempt is dropped as stale
+            elif age >= self.stuck_after and rid not in self._logged:
+                self._logged.add(rid)
+                log.warning("%s: request stuck for %.1fs: %s", self.name, age,
+                            {**job.describe(), "request_id": rid})
+        self._logged.intersection_update(self._inflight)
         if self._queue:
             dead = [e for e in self._queue if e[2].deadline <= now or not e[2].is_live()]
             for e in dead:

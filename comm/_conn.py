@@ -1,0 +1,76 @@
+"""One pipelined connection to a page server, owned by one worker thread.
+
+A DEALER socket with IMMEDIATE set (a send while disconnected fails at once, so the
+worker keeps the request queued instead of losing it in a dead pipe) and ZeroMQ's
+own reconnect with capped exponential backoff (1 ms doubling to 1 s). A monitor
+socket reports connection state changes, so that a page server that died takes
+its in-flight requests with it visibly: the worker retries them at once instead
+of waiting for their deadlines. ``reset()`` replaces the socket: the server sees
+a new identity, so nothing sent to the old one can come back on the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+log = logging.getLogger(__name__)
+
+_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+RECONNECT_MIN_MS = 1
+RECONNECT_MAX_MS = 1000
+
+
+class Connection:
+    """Socket plumbing only; every decision about requests stays in the worker."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str) -> None:
+        self.ctx, self.endpoint, self.name = ctx, endpoint, name
+        self.generation = 0  # bumped by reset(): pollers must re-register
+        self.connected = False
+        self.reconnects = 0
+        self.dealer, self.monitor = self._open()
+
+    def _open(self) -> tuple[zmq.Socket, zmq.Socket]:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.SNDHWM, 0)  # bounded by the window, not by ZeroMQ
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        mon = s.get_monitor_socket(_EVENTS)
+        mon.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        return s, mon
+
+    def events(self) -> list[int]:
+        """Drain the monitor; returns the events seen (zmq.EVENT_*), logging each change."""
+        out = []
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            out.append(ev)
+            if ev == zmq.EVENT_CONNECTED and not self.connected:
+                self.connected = True
+                log.info("%s: connected to %s", self.name, self.endpoint)
+            elif ev == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                self.reconnects += 1
+                log.warning("%s: disconnected from %s; reconnecting", self.name, self.endpoint)
+        return out
+
+    def reset(self) -> None:
+        self.close()
+        self.dealer, self.monitor = self._open()
+        self.connected = False
+        self.generation += 1
+
+    def close(self) -> None:
+        try:
+            self.dealer.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.dealer.close(0)
