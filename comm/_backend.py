@@ -28,7 +28,14 @@ from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
-from ._errors import Cancelled, CommClosed, InvalidRequest, RelationNotFound, RequestTimeout
+from ._errors import (
+    Cancelled,
+    CommClosed,
+    InvalidRequest,
+    RelationNotFound,
+    RequestTimeout,
+    WrongShard,
+)
 from ._slot import Slot, SlotState
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
 from ._worker import DOORBELL
@@ -96,10 +103,17 @@ class Backend:
                 counts["hits"] += 1
                 self._free.append(slot.index)
                 return val
-        shard = self._comm._shard_of(rel, blkno)
-        slot.arm(Kind.GET_PAGES, _NORMAL, rel, (blkno,), lsn, nms, deadline, shard)
-        self._submit(slot)
-        return self._wait(slot, deadline)[0]
+        while True:
+            m = self._comm._map
+            shard = m.shard_of(rel, blkno)
+            slot.arm(Kind.GET_PAGES, _NORMAL, rel, (blkno,), lsn, nms, deadline, shard)
+            self._submit(slot, m.worker_for(shard, self.id))
+            try:
+                return self._wait(slot, deadline)[0]
+            except WrongShard:
+                if self._comm._map is m:
+                    raise
+                slot = self._take_slot(deadline)  # the map changed (a split): route again
 
     def get_pages(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
                   not_modified_since: int | None = None,
@@ -113,27 +127,41 @@ class Backend:
         out: list[Any] = [None] * len(blks)
         self._counts["reads"] += len(blks)
         join, missing = self._join_buffered(rel, blks, lsn, nms, deadline, out)
-        chunks = self._chunks(rel, blks, missing)
+        if self._fetch(rel, blks, missing, lsn, nms, deadline, out, join):
+            return out
+        raise InvalidRequest(f"get_pages needs more wire requests than this backend's "
+                             f"{len(self._slots)} slots (COMM_SLOTS_PER_BACKEND); ask for "
+                             f"fewer blocks per call")
+
+    def _fetch(self, rel: RelTag, blks: list[int], idxs: list[int], lsn: int, nms: int,
+               deadline: float, out: list[Any], join: Slot | None = None) -> bool:
+        """Fetch positions ``idxs`` of ``blks`` into ``out``: one wire request per shard
+        per 32 blocks, routed with one shard map; blocks a server disowns after a split
+        are fetched again on the new map. False if the ring is too small."""
+        m = self._comm._map
+        chunks = self._chunks(m, rel, blks, idxs)
         if len(chunks) > len(self._slots) - (join is not None):
-            raise InvalidRequest(f"get_pages needs {len(chunks)} wire requests but this backend "
-                                 f"has {len(self._slots)} slots (COMM_SLOTS_PER_BACKEND); ask "
-                                 f"for fewer blocks per call")
+            if join is not None:
+                self._gather([], deadline, out, join)
+            return False
         slots = []
-        for shard, idxs in chunks:
+        for shard, pos in chunks:
             slot = self._take_slot(deadline)
-            slot.arm(Kind.GET_PAGES, _NORMAL, rel, tuple(blks[i] for i in idxs), lsn, nms,
+            slot.arm(Kind.GET_PAGES, _NORMAL, rel, tuple(blks[i] for i in pos), lsn, nms,
                      deadline, shard)
-            self._submit(slot)
-            slots.append((slot, idxs))
-        self._gather(slots, deadline, out, join)
-        return out
+            self._submit(slot, m.worker_for(shard, self.id))
+            slots.append((slot, pos))
+        moved = self._gather(slots, deadline, out, join, m)
+        if moved and not self._fetch(rel, blks, moved, lsn, nms, deadline, out):
+            raise InvalidRequest(f"{len(moved)} blocks moved shards; too many for the ring")
+        return True
 
     def _join_buffered(self, rel: RelTag, blks: list[int], lsn: int, nms: int,
                        deadline: float, out: list[Any]) -> tuple[Slot | None, list[int]]:
         """Fill ``out`` from the prefetch buffer and join prefetches in flight (one
         join slot collects those). Returns the join slot and the positions to fetch."""
-        if not self._buffer._entries or len(self._chunks(rel, blks, range(len(blks)))) >= len(
-                self._slots):
+        if not self._buffer._entries or len(self._chunks(
+                self._comm._map, rel, blks, range(len(blks)))) >= len(self._slots):
             return None, list(range(len(blks)))
         join = self._take_slot(deadline)
         join.arm_join(rel, lsn, nms, deadline)
@@ -288,15 +316,16 @@ class Backend:
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         slot = self._take_slot(deadline)
         slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
-        self._submit(slot)
+        self._submit(slot, self._comm._map.worker_for(0, self.id))
         return self._wait(slot, deadline)
 
-    def _chunks(self, rel: RelTag, blks: list[int],
-                idxs: list[int]) -> list[tuple[int, list[int]]]:
+    @staticmethod
+    def _chunks(m: Any, rel: RelTag, blks: list[int],
+                idxs: Iterable[int]) -> list[tuple[int, list[int]]]:
         """Group request positions by shard, at most 32 blocks per wire request."""
         by_shard: dict[int, list[int]] = {}
         for i in idxs:
-            by_shard.setdefault(self._comm._shard_of(rel, blks[i]), []).append(i)
+            by_shard.setdefault(m.shard_of(rel, blks[i]), []).append(i)
         out = []
         for shard, pos in by_shard.items():
             for k in range(0, len(pos), MAX_BLOCKS_PER_REQUEST):
@@ -320,12 +349,9 @@ class Backend:
                 raise CommClosed(f"{self.name} is closed")
             time.sleep(0.001)  # rare: only after timeouts/cancels; the worker frees them
 
-    def _submit(self, job: Any, w: Any = None) -> None:
-        """Hand a job to a worker of its shard: append to its inbox, and ring its
-        doorbell only if it may be sleeping (see comm/_worker.py)."""
-        if w is None:
-            workers = self._comm._workers[job.shard]
-            w = workers[self.id % len(workers)]
+    def _submit(self, job: Any, w: Any) -> None:
+        """Hand a job to worker ``w``: append to its inbox, and ring its doorbell only
+        if it may be sleeping (see comm/_worker.py)."""
         w.inbox.append(job)
         if w.idle and not self._ring(w):
             raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
@@ -360,12 +386,21 @@ class Backend:
             self._orphans.append(slot)
         raise err if err is not None else Cancelled(f"{self.name}: request cancelled")
 
-    def _gather(self, slots: list[tuple[Slot, list[int]]], deadline: float,
-                out: list[Any], join: Slot | None = None) -> None:
+    def _gather(self, slots: list[tuple[Slot, list[int]]], deadline: float, out: list[Any],
+                join: Slot | None = None, m: Any = None) -> list[int]:
+        """Wait for every slot (each must come back), fill ``out``; returns the positions
+        to fetch again because their shard map changed under them."""
         first: BaseException | None = None
+        moved: list[int] = []
         for slot, idxs in slots:
             try:
                 pages = self._wait(slot, deadline)
+            except WrongShard as e:
+                if self._comm._map is m:
+                    first = first or e
+                else:
+                    moved += idxs
+                continue
             except BaseException as e:  # keep collecting: every slot must come back
                 first = first or e
                 continue
@@ -379,3 +414,4 @@ class Backend:
                 first = first or e
         if first is not None:
             raise first
+        return moved

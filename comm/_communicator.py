@@ -14,6 +14,7 @@ closes every remaining socket and terminates the Context, so nothing leaks.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -23,14 +24,16 @@ from typing import Any
 import zmq
 
 from prefetch import PrefetchBuffer, RelSizeCache
-from shards import MAX_BLOCKS_PER_REQUEST, RelTag, shard_for
+from shards import MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
 from ._config import CommConfig
 from ._errors import CommClosed, ConfigError
+from ._map import ShardMap
 from ._worker import STOP, ShardWorker
 
+log = logging.getLogger(__name__)
 _instances = itertools.count(1)
 _PREFETCH = int(RequestClass.PREFETCH)
 
@@ -93,9 +96,6 @@ class Communicator:
             raise ConfigError("no shards: pass a list of page-server endpoints or set COMM_SHARDS")
         self.config = cfg
         self._uid = f"{os.getpid()}-{next(_instances)}"
-        self._shard_count = len(cfg.shards)
-        self._stripe = cfg.stripe_size
-        self._shard_cache: dict[tuple[int, int], int] = {}
         self._buffer = PrefetchBuffer(cfg.prefetch_pages)
         self._relsizes = RelSizeCache(cfg.relsize_cache)
         # _lock guards: _backends, _next_bid, _closed, _control
@@ -107,11 +107,11 @@ class Communicator:
         self._started = time.monotonic()
         self._ctx = zmq.Context()
         self._ctx.set(zmq.MAX_SOCKETS, cfg.max_sockets)
-        self._workers: list[list[ShardWorker]] = []
+        self._retired: list[ShardWorker] = []  # workers of replaced maps, stopped at close
+        self._map = ShardMap(cfg.shards, cfg.stripe_size, [], 0)
         try:
-            for shard, endpoint in enumerate(cfg.shards):
-                self._workers.append([self._start_worker(shard, k, endpoint)
-                                      for k in range(cfg.threads_per_shard)])
+            self._map = ShardMap(cfg.shards, cfg.stripe_size, self._start_pools(cfg.shards, 0,
+                                                                                 None), 0)
         except BaseException:
             self.close()
             raise
@@ -121,9 +121,26 @@ class Communicator:
         """A communicator configured from the ``COMM_*`` environment variables."""
         return cls(config=CommConfig.from_env(**overrides))
 
-    def _start_worker(self, shard: int, k: int, endpoint: str) -> ShardWorker:
+    @property
+    def _workers(self) -> list[list[ShardWorker]]:
+        return self._map.workers
+
+    def _start_pools(self, endpoints: tuple[str, ...], generation: int,
+                     old: ShardMap | None) -> list[list[ShardWorker]]:
+        """Worker pools for ``endpoints``; a shard whose index and endpoint are unchanged
+        keeps its pool (and its connections)."""
+        pools = []
+        for shard, endpoint in enumerate(endpoints):
+            if old is not None and shard < old.count and old.endpoints[shard] == endpoint:
+                pools.append(old.workers[shard])
+            else:
+                pools.append([self._start_worker(shard, k, endpoint, generation)
+                              for k in range(self.config.threads_per_shard)])
+        return pools
+
+    def _start_worker(self, shard: int, k: int, endpoint: str, generation: int) -> ShardWorker:
         w = ShardWorker(self._ctx, shard, k, endpoint,
-                        f"inproc://pagecomm-{self._uid}-s{shard}-w{k}",
+                        f"inproc://pagecomm-{self._uid}-g{generation}-s{shard}-w{k}",
                         window=self.config.inflight_per_conn,
                         verify=self.config.verify_checksums,
                         attempt_timeout=self.config.attempt_timeout,
@@ -158,17 +175,31 @@ class Communicator:
         s.connect(pipe)
         return s
 
-    def _shard_of(self, rel: RelTag, blkno: int) -> int:
-        if self._shard_count < 2:
-            return 0
-        key = (rel.rel if rel.fork != 3 else -1, blkno // self._stripe)
-        shard = self._shard_cache.get(key)
-        if shard is None:
-            shard = shard_for(rel, blkno, self._shard_count, self._stripe)
-            if len(self._shard_cache) > 1 << 16:
-                self._shard_cache.clear()
-            self._shard_cache[key] = shard
-        return shard
+    def update_shards(self, endpoints: Sequence[str], stripe_size: int | None = None) -> None:
+        """Switch to a new shard map (a live shard split). Requests already handed to a
+        worker finish on the old map; new requests use the new one. The stripe size
+        cannot change; a request answered "not my shard" is retried on the new map."""
+        if isinstance(endpoints, str) or not endpoints or not all(
+                isinstance(e, str) and "://" in e for e in endpoints):
+            raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
+                              f"{endpoints!r}")
+        eps = tuple(endpoints)
+        if len(eps) > 255:
+            raise ConfigError(f"{len(eps)} shards; at most 255")
+        with self._lock:
+            if self._closed:
+                raise CommClosed("the communicator is closed")
+            old = self._map
+            if stripe_size is not None and stripe_size != old.stripe:
+                raise ConfigError(f"stripe_size cannot change on a live split "
+                                  f"({old.stripe} -> {stripe_size})")
+            gen = old.generation + 1
+            new = ShardMap(eps, old.stripe, self._start_pools(eps, gen, old), gen)
+            kept = {id(w) for pool in new.workers for w in pool}
+            self._retired += [w for pool in old.workers for w in pool if id(w) not in kept]
+            self._map = new
+            self.config = self.config.replace(shards=eps)
+        log.info("shard map %d: %d shards %s", gen, len(eps), ", ".join(eps))
 
     # ------------------------------------------------------------ prefetch
     def _prefetch(self, be: Backend, rel: RelTag, blocks: list[int], lsn: int, nms: int,
@@ -176,15 +207,15 @@ class Communicator:
         todo = self._buffer.reserve(be.id, rel, blocks, lsn, nms)
         if not todo:
             return 0
+        m = self._map
         by_shard: dict[int, list[int]] = {}
         for b in todo:
-            by_shard.setdefault(self._shard_of(rel, b), []).append(b)
+            by_shard.setdefault(m.shard_of(rel, b), []).append(b)
         for shard, blks in by_shard.items():
             for k in range(0, len(blks), MAX_BLOCKS_PER_REQUEST):
                 chunk = tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST])
                 job = PrefetchJob(self._buffer, be.name, rel, chunk, lsn, nms, deadline, shard)
-                workers = self._workers[shard]
-                job.worker = workers[be.id % len(workers)]
+                job.worker = m.worker_for(shard, be.id)
                 self._buffer.attach(rel, chunk, lsn, job)
                 be._submit(job, job.worker)
         return len(todo)
@@ -193,12 +224,14 @@ class Communicator:
     def stats(self) -> dict[str, Any]:
         """Per-shard queue depth, in flight and counters; prefetch counters; slots."""
         shards = []
-        for shard, workers in enumerate(self._workers):
+        m = self._map
+        for shard, workers in enumerate(m.workers):
             agg: dict[str, int] = {}
             for w in workers:
                 for k, v in w.stats.as_dict().items():
                     agg[k] = agg.get(k, 0) + v
-            shards.append({"shard": shard, "endpoint": self.config.shards[shard],
+            agg["reconnects"] = sum(w.reconnects for w in workers)
+            shards.append({"shard": shard, "endpoint": m.endpoints[shard],
                            "threads": len(workers), "connections": len(workers), **agg})
         with self._lock:
             backends = list(self._backends.values())
@@ -206,7 +239,8 @@ class Communicator:
             "shards": shards,
             "backends": len(backends),
             "slots_in_use": sum(b.slots_in_use() for b in backends),
-            "connections": sum(len(w) for w in self._workers),
+            "connections": sum(len(w) for w in m.workers),
+            "map_generation": m.generation,
             "prefetch": self._buffer.snapshot(),
             "relsize_cache": self._relsizes.snapshot(),
             "uptime_s": round(time.monotonic() - self._started, 3),
@@ -216,12 +250,11 @@ class Communicator:
         """Requests on the wire for longer than ``older_than`` seconds, oldest first."""
         now = time.monotonic()
         out = []
-        for workers in self._workers:
-            for w in workers:
-                for job, sent in w.inflight_snapshot():
-                    age = now - sent
-                    if age >= older_than:
-                        out.append({**job.describe(), "worker": w.name, "age_s": round(age, 3)})
+        for w in self._all_workers():
+            for job, sent in w.inflight_snapshot():
+                age = now - sent
+                if age >= older_than:
+                    out.append({**job.describe(), "worker": w.name, "age_s": round(age, 3)})
         return sorted(out, key=lambda d: -d["age_s"])
 
     def __repr__(self) -> str:
@@ -249,20 +282,25 @@ class Communicator:
             slot.fail_part(i, CommClosed("the communicator is closed"))
         self._ctx.term()
 
+    def _all_workers(self) -> list[ShardWorker]:
+        seen: dict[int, ShardWorker] = {}
+        for w in [w for pool in self._map.workers for w in pool] + self._retired:
+            seen.setdefault(id(w), w)
+        return list(seen.values())
+
     def _stop_workers(self) -> None:
         ctls = []
+        workers = self._all_workers()
         try:
-            for workers in self._workers:
-                for w in workers:
-                    if w.thread.is_alive():
-                        ctl = self._ctx.socket(zmq.PUSH)
-                        ctl.setsockopt(zmq.LINGER, 0)
-                        ctls.append(ctl)
-                        ctl.connect(w.pipe)
-                        ctl.send(STOP)
-            for workers in self._workers:
-                for w in workers:
-                    w.thread.join(10)
+            for w in workers:
+                if w.thread.is_alive():
+                    ctl = self._ctx.socket(zmq.PUSH)
+                    ctl.setsockopt(zmq.LINGER, 0)
+                    ctls.append(ctl)
+                    ctl.connect(w.pipe)
+                    ctl.send(STOP)
+            for w in workers:
+                w.thread.join(10)
         finally:
             for ctl in ctls:
                 ctl.close(0)

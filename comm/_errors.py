@@ -18,6 +18,11 @@ class InvalidRequest(CommError, ValueError):
     page server rejected as invalid (INVALID_REQUEST)."""
 
 
+class WrongShard(InvalidRequest):
+    """A page server answered that a block belongs to another shard: the shard map
+    changed (a split). Retried on the new map; raised only if the map did not change."""
+
+
 class ConfigError(InvalidRequest):
     """A configuration value (argument or ``COMM_*`` variable) is invalid; the
     message names the variable."""

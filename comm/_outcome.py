@@ -23,6 +23,7 @@ from ._errors import (
     RelationNotFound,
     ServerError,
     ShardUnavailable,
+    WrongShard,
 )
 
 
@@ -60,6 +61,9 @@ def error_for(job: Any, rep: Reply) -> CommError:
             return RelationNotFound(f"{job.rel} at lsn {job.lsn:#x} not found ({where})")
         return NotFound(f"{Kind(job.kind).name} at lsn {job.lsn:#x} not found ({where})")
     if st == Status.INVALID_REQUEST:
+        if "belongs to shard" in rep.reason:
+            return WrongShard(f"{job.rel} blocks {list(job.blocks)} are not on shard "
+                              f"{job.shard} ({where})")
         return InvalidRequest(f"page server rejected the request ({where})")
     if st == Status.INTERNAL_ERROR:
         return ServerError(f"page server failed ({where})")

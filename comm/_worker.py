@@ -387,6 +387,11 @@ class ShardWorker:
         for job in pending:
             job.fail(err)
 
+    @property
+    def reconnects(self) -> int:
+        conn = getattr(self, "_conn", None)
+        return conn.reconnects if conn is not None else 0
+
     def inflight_snapshot(self) -> list[tuple[Any, float]]:
         """(job, sent at) pairs; a racy copy for diagnostics."""
         return list(self._inflight.values())

@@ -115,6 +115,7 @@ class Recorder:
         self.barrier = threading.Barrier(threads + 1)
         self.tallies: list[Tally] = []
         self._lock = threading.Lock()  # guards tallies
+        self.failure: str | None = None  # first backend error (a racy write is fine)
         self._seed = seed
 
     def tally(self, role: str) -> Tally:

@@ -92,7 +92,8 @@ def _phase(design: str, roles: list[str], ds: Dataset, cluster: LocalCluster,
             raw = rec.measure(p.duration, cluster, d.snapshot)
         except threading.BrokenBarrierError:
             rec.stop.set()
-            raise RuntimeError(f"bench: a {design} backend failed to start") from None
+            raise RuntimeError(f"bench: a {design} backend failed to start: "
+                               f"{rec.failure or 'unknown error'}") from None
         deadline = time.monotonic() + 60
         for th in threads:
             th.join(max(0.0, deadline - time.monotonic()))
@@ -116,8 +117,9 @@ def _backend_main(d: Any, rec: Recorder, i: int, role: str, p: Params) -> None:
     t = rec.tally(role)
     try:
         reader = d.backend(i)
-    except Exception:
+    except Exception as e:
         t.errors += 1
+        rec.failure = rec.failure or f"{type(e).__name__}: {e}"
         rec.barrier.abort()
         raise
     try:
@@ -129,7 +131,8 @@ def _backend_main(d: Any, rec: Recorder, i: int, role: str, p: Params) -> None:
             _scan(reader, rec, t, i, p, role == "samescan")
     except threading.BrokenBarrierError:
         pass
-    except Exception:
+    except Exception as e:
+        rec.failure = rec.failure or f"{type(e).__name__}: {e}"
         rec.barrier.abort()
         raise
     finally:
