@@ -107,7 +107,8 @@ class PageServer:
                  stripe_size: int = DEFAULT_STRIPE_SIZE, bind: str = "tcp://127.0.0.1:0", *,
                  latency: float = 0.0, lsn_wait: float = 1.0,
                  faults: ServerFaults | None = None, max_queue: int = 4096,
-                 max_batch: int = 1024) -> None:
+                 max_batch: int = 1024, metrics_port: int | None = None,
+                 metrics_addr: str = "127.0.0.1") -> None:
         check_shard_params(shard_count, stripe_size)
         if not isinstance(shard, int) or not 0 <= shard < shard_count:
             raise ValueError(f"shard={shard!r} is outside 0..{shard_count - 1}")
@@ -119,13 +120,19 @@ class PageServer:
         for name, v in (("max_queue", max_queue), ("max_batch", max_batch)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if metrics_port is not None and (isinstance(metrics_port, bool) or not isinstance(
+                metrics_port, int) or not 0 <= metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be an integer in 0..65535, got {metrics_port!r}")
         self.store = store
+        self.metrics_port, self.metrics_addr = metrics_port, metrics_addr
+        self.metrics: Any = None  # a _metrics.ServerMetrics while running with metrics_port
         self.shard, self.shard_count, self.stripe_size = shard, shard_count, stripe_size
         self.bind, self.latency, self.lsn_wait = bind, float(latency), float(lsn_wait)
         self.faults = faults
         self.max_queue, self.max_batch = max_queue, max_batch
         self._rng = random.Random(faults.seed if faults else None)
-        self._lock = threading.Lock()  # guards _totals, _gauges, _state, _endpoint, _thread
+        # guards _totals, _gauges, _state, _endpoint, _thread, metrics
+        self._lock = threading.Lock()
         self._totals: Counter[str] = Counter()
         self._gauges = {"parked": 0, "delayed": 0}
         self._state = "new"  # new -> running -> stopped
@@ -170,12 +177,33 @@ class PageServer:
             with self._lock:
                 self._state = "stopped"
             raise ShardsError(f"cannot bind {self.bind}: {self._start_error}") from None
+        if self.metrics_port is not None:
+            self._start_metrics()
         return self
+
+    def _start_metrics(self) -> None:
+        from ._metrics import ServerMetrics  # prometheus_client only when asked for
+
+        try:
+            metrics = ServerMetrics(self, self.metrics_port, self.metrics_addr)
+        except OSError as e:
+            self.stop()
+            raise ShardsError(f"cannot serve metrics on {self.metrics_addr}:"
+                              f"{self.metrics_port}: {e}") from None
+        with self._lock:
+            stopped = self._state == "stopped"  # stop() ran meanwhile
+            if not stopped:
+                self.metrics = metrics
+        if stopped:
+            metrics.stop()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving and close the socket (idempotent; returns within ~50 ms)."""
         with self._lock:
             thread, self._state = self._thread, "stopped"
+            metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.stop()
         self._stopping.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -500,6 +528,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lsn-wait", type=float, default=1.0,
                    help="seconds to wait for the store to reach not_modified_since")
     p.add_argument("--max-queue", type=int, default=4096, help="SLOW_DOWN beyond this")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this HTTP port (0: any free port)")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address for --metrics-port (0.0.0.0 to let other hosts scrape)")
     p.set_defaults(func=_serve_cli)
 
 
@@ -523,7 +555,9 @@ def _serve_cli(args: argparse.Namespace) -> int:
     try:
         with store, PageServer(store, args.shard, layout["shard_count"], layout["stripe_size"],
                                args.bind, latency=args.latency_ms / 1000.0,
-                               lsn_wait=args.lsn_wait, max_queue=args.max_queue) as srv:
+                               lsn_wait=args.lsn_wait, max_queue=args.max_queue,
+                               metrics_port=args.metrics_port,
+                               metrics_addr=args.metrics_addr) as srv:
             print(f"READY {srv.endpoint}", flush=True)
             while not stop.wait(0.5):
                 pass
