@@ -73,7 +73,8 @@ class PrefetchBuffer:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # _lock guards: _entries, _by_owner, _consumed, counters
+        # _lock guards: _entries, _by_owner (unread entries per backend), _consumed (read
+        # and READY entries, oldest first), counters
         self._lock = threading.Lock()
         self._entries: dict[tuple[Any, int], _Entry] = {}
         self._by_owner: dict[int, OrderedDict[tuple[Any, int], None]] = {}
@@ -166,8 +167,10 @@ class PrefetchBuffer:
                 return []
             e.state, e.page, e.job = READY, page, None
             waiters, e.waiters = e.waiters, []
-            if e.consumed and not waiters:  # read in the foreground meanwhile
-                self.counters.late += 1
+            if e.consumed:
+                self._consumed[(rel, blk)] = None  # already read: first to make room
+                if not waiters:  # read in the foreground meanwhile
+                    self.counters.late += 1
             return waiters
 
     def discard(self, rel: Any, blk: int, lsn: int) -> list[Any]:
@@ -231,7 +234,8 @@ class PrefetchBuffer:
         if not e.consumed:
             e.consumed = True
             self._disown(key, e)
-            self._consumed[key] = None
+            if e.state == READY:  # in flight: fill() files it once it lands
+                self._consumed[key] = None
 
     def _at_share(self, owner: int) -> bool:
         """Whether ``owner`` already holds its fair share of unread (ready or in-flight)
@@ -249,11 +253,10 @@ class PrefetchBuffer:
             return False
         if len(self._entries) < self.capacity:
             return True
-        for key in self._consumed:  # pages already read go first (never one in flight:
-            e = self._entries[key]  # readers may have joined it)
-            if e.state == READY:
-                self._remove(key, e)
-                return True
+        if self._consumed:  # pages already read go first (only READY ones are listed)
+            key = next(iter(self._consumed))
+            self._remove(key, self._entries[key])
+            return True
         if -1 in self._by_owner:  # pages of backends that left
             return self._evict_oldest(-1)
         active = [o for o, keys in self._by_owner.items() if keys]
