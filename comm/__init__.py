@@ -8,6 +8,7 @@
 from shards import MAIN_FORKNUM, RelTag
 from shards.protocol import SlruKind
 
+from ._attach import ProcBackend, attach
 from ._backend import Backend
 from ._communicator import Communicator
 from ._config import CommConfig
@@ -28,7 +29,8 @@ from ._errors import (
 from ._slot import Slot, SlotState
 
 __all__ = [
-    "MAIN_FORKNUM", "Backend", "Cancelled", "CommClosed", "CommConfig", "CommError",
+    "MAIN_FORKNUM", "Backend", "ProcBackend", "attach", "Cancelled", "CommClosed",
+    "CommConfig", "CommError",
     "Communicator", "ConfigError", "InvalidRequest", "InvalidStateError", "NotFound",
     "PageNotFound", "RelTag", "RelationNotFound", "RequestTimeout", "ServerError",
     "ShardUnavailable", "Slot", "SlotState", "SlruKind",

@@ -1,4 +1,5 @@
-"""``python -m comm``: demo (the main job), bench (the benchmark suite)."""
+"""``python -m comm``: demo (the main job), serve (the communicator as a process for
+backend processes), bench (the benchmark suite)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import _demo
+    from . import _demo, _server
 
     parser = argparse.ArgumentParser(prog="python -m comm",
                                      description="pagecomm: the communicator")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo.add_cli(sub)
+    _server.add_cli(sub)
     try:
         from . import _bench
     except ImportError as e:  # matplotlib & co are the 'bench' extra

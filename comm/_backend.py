@@ -36,6 +36,7 @@ from ._errors import (
     RequestTimeout,
     WrongShard,
 )
+from ._metrics import LatencyRecorder
 from ._slot import Slot, SlotState
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
 from ._worker import DOORBELL
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from ._communicator import Communicator
 
 _NORMAL = int(RequestClass.NORMAL)
+_GET_PAGES = int(Kind.GET_PAGES)
 _PREFETCH = int(RequestClass.PREFETCH)
 
 
@@ -62,6 +64,7 @@ class Backend:
         self._owner: int | None = None
         self._rels: set[RelTag] = set()  # RelTags already validated (owner thread only)
         self._counts = {"reads": 0, "hits": 0, "joins": 0}  # pages; owner thread only
+        self._latency = LatencyRecorder()  # call latencies; owner thread only
         self._timeout = comm.config.request_timeout
         self._buffer = comm._buffer
         # _lock guards: _push (the sockets) and _closed; held while sending so that a
@@ -74,12 +77,19 @@ class Backend:
     def get_page(self, rel: RelTag, blkno: int, lsn: int, *,
                  not_modified_since: int | None = None, timeout: float | None = None) -> bytes:
         """The 8192-byte page ``blkno`` of ``rel``, newest version at or below ``lsn``."""
+        t0 = time.monotonic()
+        page = self._get_page(rel, blkno, lsn, not_modified_since, timeout, t0)
+        self._latency.observe(_GET_PAGES, _NORMAL, time.monotonic() - t0)
+        return page
+
+    def _get_page(self, rel: RelTag, blkno: int, lsn: int, not_modified_since: int | None,
+                  timeout: float | None, t0: float) -> bytes:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
         if type(rel) is not RelTag or rel not in self._rels:
             self._check_rel(rel)
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
-        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        deadline = t0 + check_timeout(timeout, self._timeout)
         counts = self._counts
         counts["reads"] += 1
         kind = MISS
@@ -119,11 +129,19 @@ class Backend:
                   not_modified_since: int | None = None,
                   timeout: float | None = None) -> list[bytes]:
         """Pages of any blocks of one relation, in request order, from any shards."""
+        t0 = time.monotonic()
+        out = self._get_pages(rel, blocks, lsn, not_modified_since, timeout, t0)
+        self._latency.observe(_GET_PAGES, _NORMAL, time.monotonic() - t0)
+        return out
+
+    def _get_pages(self, rel: RelTag, blocks: Iterable[int], lsn: int,
+                   not_modified_since: int | None, timeout: float | None,
+                   t0: float) -> list[bytes]:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
         rel = self._check_rel(rel)
         blks = check_blocks(blocks)
-        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        deadline = t0 + check_timeout(timeout, self._timeout)
         out: list[Any] = [None] * len(blks)
         self._counts["reads"] += len(blks)
         join, missing = self._join_buffered(rel, blks, lsn, nms, deadline, out)
@@ -313,11 +331,14 @@ class Backend:
 
     def _call(self, kind: int, rel: Any, lsn: int, nms: int, timeout: Any, extra: Any) -> Any:
         """One metadata request; these are served by shard 0."""
-        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        t0 = time.monotonic()
+        deadline = t0 + check_timeout(timeout, self._timeout)
         slot = self._take_slot(deadline)
         slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
         self._submit(slot, self._comm._map.worker_for(0, self.id))
-        return self._wait(slot, deadline)
+        result = self._wait(slot, deadline)
+        self._latency.observe(kind, _NORMAL, time.monotonic() - t0)
+        return result
 
     @staticmethod
     def _chunks(m: Any, rel: RelTag, blks: list[int],

@@ -31,6 +31,7 @@ from ._backend import Backend
 from ._config import CommConfig
 from ._errors import CommClosed, ConfigError
 from ._map import ShardMap
+from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server
 from ._worker import STOP, ShardWorker
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,14 @@ class Communicator:
         self._ctx = zmq.Context()
         self._ctx.set(zmq.MAX_SOCKETS, cfg.max_sockets)
         self._retired: list[ShardWorker] = []  # workers of replaced maps, stopped at close
+        self._latency_retired: LatencySnapshot = {}  # closed backends' latencies (_lock)
+        self._metrics: MetricsServer | None = None
         self._map = ShardMap(cfg.shards, cfg.stripe_size, [], 0)
         try:
             self._map = ShardMap(cfg.shards, cfg.stripe_size, self._start_pools(cfg.shards, 0,
                                                                                  None), 0)
+            if cfg.metrics_port is not None:
+                self._metrics = start_metrics_server(self, cfg.metrics_port)
         except BaseException:
             self.close()
             raise
@@ -162,9 +167,18 @@ class Communicator:
             self._backends[bid] = be
         return be
 
-    def _forget_backend(self, be: Backend) -> None:
+    def _new_backend_id(self) -> int:
+        """An id for a backend process (shares the space of thread backends' ids)."""
         with self._lock:
-            self._backends.pop(be.id, None)
+            bid = self._next_bid
+            self._next_bid += 1
+            return bid
+
+    def _forget_backend(self, be: Backend) -> None:
+        with self._lock:  # merged under the same lock: a scrape never sees counts drop
+            if self._backends.pop(be.id, None) is not None:
+                self._latency_retired = merge_snapshots(self._latency_retired,
+                                                        be._latency.snapshot())
         self._buffer.forget_owner(be.id)
 
     def _open_pipe(self, pipe: str) -> zmq.Socket:
@@ -246,6 +260,12 @@ class Communicator:
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
+    def _latency_snapshot(self) -> LatencySnapshot:
+        """Call latencies of every backend, live and closed (for the metrics endpoint)."""
+        with self._lock:
+            live, retired = list(self._backends.values()), self._latency_retired
+        return merge_snapshots(retired, *(b._latency.snapshot() for b in live))
+
     def dump_inflight(self, older_than: float = 0.0) -> list[dict[str, Any]]:
         """Requests on the wire for longer than ``older_than`` seconds, oldest first."""
         now = time.monotonic()
@@ -275,6 +295,8 @@ class Communicator:
                 return
             self._closed = True
             backends = list(self._backends.values())
+        if self._metrics is not None:
+            self._metrics.stop()
         self._stop_workers()
         for be in backends:
             be.close()

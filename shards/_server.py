@@ -178,14 +178,14 @@ class PageServer:
                 self._state = "stopped"
             raise ShardsError(f"cannot bind {self.bind}: {self._start_error}") from None
         if self.metrics_port is not None:
-            self._start_metrics()
+            self._start_metrics(self.metrics_port)
         return self
 
-    def _start_metrics(self) -> None:
+    def _start_metrics(self, port: int) -> None:
         from ._metrics import ServerMetrics  # prometheus_client only when asked for
 
         try:
-            metrics = ServerMetrics(self, self.metrics_port, self.metrics_addr)
+            metrics = ServerMetrics(self, port, self.metrics_addr)
         except OSError as e:
             self.stop()
             raise ShardsError(f"cannot serve metrics on {self.metrics_addr}:"

@@ -1,0 +1,325 @@
+"""``comm.attach(endpoint)``: a backend in another process, same API and errors as
+``Communicator.backend()``.
+
+Theory of operation
+-------------------
+The handle owns one DEALER socket to the communicator process and maps the
+shared-memory slot ring the communicator created for it. A call validates its
+arguments here, takes a free slot, sends one small request naming the slot, and
+waits for the completion message that names it back (the slot's event); pages
+are then copied out of the slot's shared memory. Waiting happens in short slices
+so that a cancel from another thread, the deadline, or the death of the
+communicator process (checked by pid) end the wait promptly. A slot whose wait
+was abandoned is reused only after its completion arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+import zmq
+
+from shards import BLCKSZ, MAX_BLOCKS_PER_REQUEST, RelTag
+from shards.protocol import Kind, RequestClass, SlruKind
+
+from . import _ipc
+from ._errors import (
+    Cancelled,
+    CommClosed,
+    InvalidRequest,
+    RelationNotFound,
+    RequestTimeout,
+)
+from ._validate import check_blocks, check_lsns, check_rel, check_timeout, check_u32
+
+_SLICE = 0.05
+
+
+def attach(endpoint: str, *, slots: int = 16, timeout: float = 10.0,
+           request_timeout: float = 30.0) -> ProcBackend:
+    """Attach this process to a communicator process (``python -m comm serve``)."""
+    return ProcBackend(endpoint, slots=slots, timeout=timeout, request_timeout=request_timeout)
+
+
+class ProcBackend:
+    def __init__(self, endpoint: str, *, slots: int = 16, timeout: float = 10.0,
+                 request_timeout: float = 30.0) -> None:
+        if not isinstance(endpoint, str) or "://" not in endpoint:
+            raise InvalidRequest(f"endpoint must look like ipc://PATH, got {endpoint!r}")
+        if not isinstance(slots, int) or not 1 <= slots <= _ipc.MAX_SLOTS:
+            raise InvalidRequest(f"slots must be in 1..{_ipc.MAX_SLOTS}, got {slots!r}")
+        self._timeout = check_timeout(request_timeout, 30.0)
+        self._endpoint = endpoint
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._shm: shared_memory.SharedMemory | None = None
+        self._closed = False
+        self._cancel = threading.Event()
+        try:
+            self._attach(slots, timeout)
+        except BaseException:
+            self._teardown()
+            raise
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._uses = [0] * self.slots
+        self._orphans: set[int] = set()  # slots abandoned, waiting for their completion
+        self._done: dict[int, _ipc.Done] = {}  # completions received, by slot
+
+    def _attach(self, slots: int, timeout: float) -> None:
+        self._sock.send(_ipc.encode_attach(os.getpid(), slots))
+        if not self._sock.poll(timeout * 1000):
+            raise CommClosed(f"no communicator answered at {self._endpoint}")
+        pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
+        self._comm_pid, self.id, self.slots = pid, bid, n
+        self.name = f"proc-backend-{bid}"
+        self._shm = shared_memory.SharedMemory(name=name)
+        # the communicator owns (and unlinks) the segment: don't let this process's
+        # resource tracker unlink it when we exit
+        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ API
+    def get_page(self, rel: RelTag, blkno: int, lsn: int, *,
+                 not_modified_since: int | None = None, timeout: float | None = None) -> bytes:
+        return self.get_pages(rel, [blkno], lsn, not_modified_since=not_modified_since,
+                              timeout=timeout)[0]
+
+    def get_pages(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
+                  not_modified_since: int | None = None,
+                  timeout: float | None = None) -> list[bytes]:
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        rel = check_rel(rel)
+        blks = check_blocks(blocks)
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        chunks = [blks[i:i + MAX_BLOCKS_PER_REQUEST]
+                  for i in range(0, len(blks), MAX_BLOCKS_PER_REQUEST)]
+        if len(chunks) > self.slots:
+            raise InvalidRequest(f"get_pages needs {len(chunks)} slots but this backend has "
+                                 f"{self.slots}; ask for fewer blocks per call")
+        sent = [self._send(Kind.GET_PAGES, rel, chunk, lsn, nms, deadline) for chunk in chunks]
+        out: list[bytes] = []
+        first: BaseException | None = None
+        for slot, use in sent:
+            try:
+                d = self._wait(slot, use, deadline)
+                base = slot * _ipc.SLOT_BYTES
+                buf = self._buf()
+                out += [bytes(buf[base + i * BLCKSZ: base + (i + 1) * BLCKSZ])
+                        for i in range(d.count)]
+            except BaseException as e:
+                first = first or e
+            finally:
+                self._release(slot)
+        if first is not None:
+            raise first
+        return out
+
+    def prefetch(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
+                 not_modified_since: int | None = None, timeout: float | None = None) -> int:
+        self._enter()
+        lsn, nms = check_lsns(lsn, not_modified_since)
+        rel = check_rel(rel)
+        blks = check_blocks(blocks)
+        t = check_timeout(timeout, self._timeout)
+        self._sock.send(_ipc.encode_req(_ipc.Req(0, 0, _ipc.PREFETCH,
+                                                 int(RequestClass.PREFETCH), rel.spc, rel.db,
+                                                 rel.rel, rel.fork, lsn, nms, t, 0, 0,
+                                                 tuple(blks))))
+        return len(blks)
+
+    def nblocks(self, rel: RelTag, lsn: int, *, not_modified_since: int | None = None,
+                timeout: float | None = None) -> int:
+        d = self._meta(Kind.REL_SIZE, check_rel(rel), lsn, not_modified_since, timeout)
+        if not d.exists:
+            raise RelationNotFound(f"{rel} does not exist at lsn {lsn:#x}")
+        return d.value
+
+    def exists(self, rel: RelTag, lsn: int, *, not_modified_since: int | None = None,
+               timeout: float | None = None) -> bool:
+        return self._meta(Kind.REL_SIZE, check_rel(rel), lsn, not_modified_since,
+                          timeout).exists
+
+    def db_size(self, db: int, lsn: int, *, not_modified_since: int | None = None,
+                timeout: float | None = None) -> int:
+        return self._meta(Kind.DB_SIZE, None, lsn, not_modified_since, timeout,
+                          check_u32(db, "db")).value
+
+    def slru_segment(self, kind: int, segno: int, lsn: int, *,
+                     not_modified_since: int | None = None,
+                     timeout: float | None = None) -> bytes:
+        try:
+            sk = SlruKind(kind)
+        except ValueError:
+            raise InvalidRequest(f"kind={kind!r} is not an SLRU kind") from None
+        segno = check_u32(segno, "segno")
+        slot_use: list[int] = []
+        d = self._meta(Kind.SLRU_SEGMENT, None, lsn, not_modified_since, timeout, int(sk),
+                       segno, keep=slot_use)
+        base = slot_use[0] * _ipc.SLOT_BYTES
+        try:
+            return bytes(self._buf()[base:base + d.value])
+        finally:
+            self._release(slot_use[0])
+
+    def update_shards(self, endpoints: list[str], stripe_size: int) -> None:
+        """The control message of the process form: a live shard split."""
+        self._enter()
+        self._sock.send(_ipc.encode_shards(list(endpoints), stripe_size))
+        deadline = time.monotonic() + self._timeout
+        while True:
+            msg = self._recv(deadline)
+            if msg[:1] == b"s":
+                if msg != b"sOK":
+                    raise InvalidRequest(msg[1:].decode("utf-8", "replace"))
+                return
+            self._note(msg)
+
+    def comm_stats(self) -> dict[str, Any]:
+        """The communicator process's ``stats()``, plus ``processes``: attached backend
+        processes and their pending requests."""
+        self._enter()
+        self._sock.send(b"T")
+        deadline = time.monotonic() + self._timeout
+        while True:
+            msg = self._recv(deadline)
+            if msg[:1] == b"t":
+                return dict(json.loads(msg[1:]))
+            self._note(msg)
+
+    def cancel(self) -> None:
+        """Make the waiting call raise Cancelled (any thread)."""
+        self._cancel.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"slots": self.slots, "slots_in_use": self.slots - len(self._free)}
+
+    def close(self) -> None:
+        """Detach (safe twice). Call from the owning thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.send(b"D", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._teardown()
+
+    def __enter__(self) -> ProcBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+    def _teardown(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        self._sock.close(0)
+        self._ctx.term()
+
+    def _buf(self) -> memoryview:
+        if self._shm is None:
+            raise CommClosed(f"{getattr(self, 'name', 'backend')} is closed")
+        return self._shm.buf
+
+    def _enter(self) -> None:
+        if self._closed:
+            raise CommClosed(f"{self.name} is closed")
+        self._cancel.clear()
+
+    def _meta(self, kind: int, rel: RelTag | None, lsn: Any, nms: Any, timeout: Any,
+              e1: int = 0, e2: int = 0, keep: list[int] | None = None) -> _ipc.Done:
+        self._enter()
+        lsn, nms = check_lsns(lsn, nms)
+        deadline = time.monotonic() + check_timeout(timeout, self._timeout)
+        slot, use = self._send(kind, rel, [], lsn, nms, deadline, e1, e2)
+        try:
+            return self._wait(slot, use, deadline)
+        finally:
+            if keep is None:
+                self._release(slot)
+            else:
+                keep.append(slot)
+
+    def _send(self, kind: int, rel: RelTag | None, blocks: list[int], lsn: int, nms: int,
+              deadline: float, e1: int = 0, e2: int = 0) -> tuple[int, int]:
+        slot = self._take(deadline)
+        self._uses[slot] = use = (self._uses[slot] + 1) & 0xFFFFFFFF
+        r = rel or RelTag(0, 0, 0, 0)
+        msg = _ipc.encode_req(_ipc.Req(slot, use, kind, int(RequestClass.NORMAL), r.spc, r.db,
+                                       r.rel, r.fork, lsn, nms,
+                                       max(0.001, deadline - time.monotonic()), e1, e2,
+                                       tuple(blocks)))
+        self._sock.send(msg)
+        return slot, use
+
+    def _take(self, deadline: float) -> int:
+        while not self._free:
+            if not self._orphans:
+                raise InvalidRequest(f"{self.name}: no free slot (all {self.slots} in use)")
+            self._note(self._recv(deadline))  # an orphan's completion frees its slot
+        return self._free.pop()
+
+    def _release(self, slot: int) -> None:
+        self._done.pop(slot, None)
+        if slot not in self._orphans:
+            self._free.append(slot)
+
+    def _wait(self, slot: int, use: int, deadline: float) -> _ipc.Done:
+        while True:
+            d = self._done.get(slot)
+            if d is not None and d.use == use:
+                if d.status != _ipc.OK:
+                    raise _ipc.error_of(d.status, d.message)
+                return d
+            try:
+                self._note(self._recv(deadline))
+            except (RequestTimeout, Cancelled):
+                self._sock.send(_ipc.encode_cancel(slot, use))
+                self._orphans.add(slot)  # reusable once its completion arrives
+                raise
+
+    def _note(self, msg: bytes) -> None:
+        if msg[:1] != b"d":
+            return
+        d = _ipc.decode_done(msg)
+        if d.slot in self._orphans and d.use == self._uses[d.slot]:
+            self._orphans.discard(d.slot)
+            self._free.append(d.slot)
+            return
+        self._done[d.slot] = d
+
+    def _recv(self, deadline: float) -> bytes:
+        """The next message from the communicator, in short slices: a cancel, the
+        deadline or the communicator's death end the wait promptly."""
+        while True:
+            if self._cancel.is_set():
+                raise Cancelled(f"{self.name}: request cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"{self.name}: no completion within the deadline")
+            if self._sock.poll(min(left, _SLICE) * 1000):
+                return self._sock.recv()
+            try:
+                os.kill(self._comm_pid, 0)
+            except ProcessLookupError:
+                self._comm_died()
+            except PermissionError:
+                pass
+
+    def _comm_died(self) -> None:
+        if self._shm is not None:  # its owner is gone: clean /dev/shm ourselves
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+        raise CommClosed(f"{self.name}: the communicator process (pid {self._comm_pid}) died")

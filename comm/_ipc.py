@@ -1,0 +1,174 @@
+"""Messages between backend processes and the communicator process, sans-IO.
+
+Theory of operation
+-------------------
+A backend process (``comm.attach``) talks to ``python -m comm serve`` over one
+DEALER -> ROUTER connection on an ipc:// endpoint. Requests and completions are
+small fixed-layout messages; pages never travel through this pipe: the
+communicator writes them straight into the backend's slot ring in shared memory
+and the completion names the slot (and the slot's use number, so a late
+completion for an abandoned earlier use is recognised). All integers are little
+endian. Decoding validates lengths and ranges and raises IpcError only.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from shards import BLCKSZ, MAX_BLOCKS_PER_REQUEST
+
+from ._errors import (
+    Cancelled,
+    CommClosed,
+    CommError,
+    InvalidRequest,
+    NotFound,
+    PageNotFound,
+    RelationNotFound,
+    RequestTimeout,
+    ServerError,
+    ShardUnavailable,
+)
+
+PAGES_PER_SLOT = MAX_BLOCKS_PER_REQUEST
+SLOT_BYTES = PAGES_PER_SLOT * BLCKSZ
+PREFETCH = 100  # request kind: fill the shared prefetch buffer, no slot, no completion
+MAX_SLOTS = 1024
+
+_ATTACH = struct.Struct("<cIH")            # b"A", pid, slots wanted
+_ATTACHED = struct.Struct("<cIIHH")        # b"a", communicator pid, backend id, slots, pages
+_REQ = struct.Struct("<cHIBBBxIIIIQQdII")  # b"R", slot, use, kind, cls, fork, spc, db, rel,
+#                                            count, lsn, nms, timeout, extra1, extra2
+_CANCEL = struct.Struct("<cHI")            # b"C", slot, use
+_DONE = struct.Struct("<cHIBBxxIQ")        # b"d", slot, use, status, exists, count, value
+_SHARDS = struct.Struct("<cI")             # b"S", stripe size; then endpoints, comma-separated
+
+# completion status codes <-> the exception raised in the backend process
+_ERRORS: list[type[CommError]] = [CommError, PageNotFound, RelationNotFound, NotFound,
+                                  InvalidRequest, ServerError, ShardUnavailable,
+                                  RequestTimeout, Cancelled, CommClosed]
+OK = 255
+
+
+class IpcError(CommError):
+    """A malformed message between a backend process and the communicator process."""
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    slot: int
+    use: int
+    kind: int
+    cls: int
+    spc: int
+    db: int
+    rel: int
+    fork: int
+    lsn: int
+    nms: int
+    timeout: float
+    extra1: int
+    extra2: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    slot: int
+    use: int
+    status: int  # OK or an index into the error classes
+    exists: bool
+    count: int  # pages written into the slot / segment pages
+    value: int  # nblocks, db size, segment bytes
+    message: str = ""
+
+
+def _unpack(st: struct.Struct, msg: bytes, what: str) -> tuple:
+    if len(msg) < st.size:
+        raise IpcError(f"{what} message of {len(msg)} bytes is truncated")
+    return st.unpack_from(msg)
+
+
+def encode_attach(pid: int, slots: int) -> bytes:
+    return _ATTACH.pack(b"A", pid, slots)
+
+
+def decode_attach(msg: bytes) -> tuple[int, int]:
+    _, pid, slots = _unpack(_ATTACH, msg, "attach")
+    if len(msg) != _ATTACH.size or not 1 <= slots <= MAX_SLOTS:
+        raise IpcError(f"attach asks for {slots} slots (1..{MAX_SLOTS})")
+    return pid, slots
+
+
+def encode_attached(pid: int, bid: int, slots: int, shm_name: str) -> bytes:
+    return _ATTACHED.pack(b"a", pid, bid, slots, PAGES_PER_SLOT) + shm_name.encode()
+
+
+def decode_attached(msg: bytes) -> tuple[int, int, int, str]:
+    _, pid, bid, slots, pages = _unpack(_ATTACHED, msg, "attached")
+    if pages != PAGES_PER_SLOT:
+        raise IpcError(f"communicator uses {pages} pages per slot, this side {PAGES_PER_SLOT}")
+    return pid, bid, slots, msg[_ATTACHED.size:].decode()
+
+
+def encode_req(r: Req) -> bytes:
+    return _REQ.pack(b"R", r.slot, r.use, r.kind, r.cls, r.fork, r.spc, r.db, r.rel,
+                     len(r.blocks), r.lsn, r.nms, r.timeout, r.extra1, r.extra2) + \
+        struct.pack(f"<{len(r.blocks)}I", *r.blocks)
+
+
+def decode_req(msg: bytes) -> Req:
+    (_, slot, use, kind, cls, fork, spc, db, rel, count, lsn, nms, timeout, e1,
+     e2) = _unpack(_REQ, msg, "request")
+    limit = 1 << 20 if kind == PREFETCH else PAGES_PER_SLOT
+    if count > limit or len(msg) != _REQ.size + 4 * count:
+        raise IpcError(f"request with {count} blocks in {len(msg)} bytes")
+    blocks = struct.unpack_from(f"<{count}I", msg, _REQ.size)
+    return Req(slot, use, kind, cls, spc, db, rel, fork, lsn, nms, timeout, e1, e2, blocks)
+
+
+def encode_cancel(slot: int, use: int) -> bytes:
+    return _CANCEL.pack(b"C", slot, use)
+
+
+def decode_cancel(msg: bytes) -> tuple[int, int]:
+    _, slot, use = _unpack(_CANCEL, msg, "cancel")
+    return slot, use
+
+
+def encode_done(d: Done) -> bytes:
+    return _DONE.pack(b"d", d.slot, d.use, d.status, d.exists, d.count, d.value) + \
+        d.message.encode("utf-8", "replace")[:1024]
+
+
+def decode_done(msg: bytes) -> Done:
+    _, slot, use, status, exists, count, value = _unpack(_DONE, msg, "completion")
+    if status != OK and status >= len(_ERRORS):
+        raise IpcError(f"unknown completion status {status}")
+    return Done(slot, use, status, bool(exists), count, value,
+                msg[_DONE.size:].decode("utf-8", "replace"))
+
+
+def encode_shards(endpoints: list[str], stripe: int) -> bytes:
+    return _SHARDS.pack(b"S", stripe) + ",".join(endpoints).encode()
+
+
+def decode_shards(msg: bytes) -> tuple[list[str], int]:
+    _, stripe = _unpack(_SHARDS, msg, "shards")
+    return [e for e in msg[_SHARDS.size:].decode().split(",") if e], stripe
+
+
+def status_of(error: BaseException) -> int:
+    """The completion status carrying ``error`` (the most specific known class)."""
+    for i in range(len(_ERRORS) - 1, -1, -1):
+        if type(error) is _ERRORS[i]:
+            return i
+    for i in range(len(_ERRORS) - 1, -1, -1):
+        if isinstance(error, _ERRORS[i]):
+            return i
+    return 0
+
+
+def error_of(status: int, message: str) -> CommError:
+    return _ERRORS[status](message)

@@ -1,0 +1,396 @@
+"""The communicator as its own process: ``python -m comm serve --listen ipc://PATH``.
+
+Theory of operation
+-------------------
+A front thread (``comm-front``) owns one ROUTER socket. Each backend process
+attaches over it and gets a ring of slots in a shared-memory segment the front
+creates (and unlinks). A request names a slot; the front validates it, serves
+what it can from the shared prefetch buffer in its own thread, joins prefetches
+in flight, and hands the rest to the shard workers as WireJobs, exactly like an
+in-process backend's slots. Parts write their pages straight into the slot's
+shared memory; the last one posts the request back to the front (a deque plus a
+byte on a pipe when the front may sleep), which sends the completion message.
+
+Dead backends are found by pid (same host: ipc), every 0.2 s: their requests are
+abandoned, their segment unlinked at once and unmapped when the last part lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from multiprocessing import shared_memory
+from typing import Any
+
+import zmq
+
+from shards import MAX_BLOCKNO, RelTag
+from shards.protocol import Kind, RequestClass, SlruKind
+
+from . import _ipc
+from ._errors import CommError, InvalidRequest
+from ._procreq import CLOSED, ProcRequest, WireJob
+from ._validate import check_lsns, check_rel, check_timeout
+from ._worker import DOORBELL
+
+log = logging.getLogger(__name__)
+_LIVENESS_INTERVAL = 0.2
+
+
+class _Attached:
+    """One attached backend process (front thread only, except ``pending`` counts)."""
+
+    def __init__(self, bid: int, ident: bytes, pid: int, slots: int) -> None:
+        self.id, self.ident, self.pid, self.slots = bid, ident, pid, slots
+        self.name = f"proc-backend-{bid}(pid {pid})"
+        self.shm = shared_memory.SharedMemory(create=True, size=slots * _ipc.SLOT_BYTES)
+        self.pending: dict[int, ProcRequest] = {}
+        self.gone = False
+
+    def view(self, slot: int) -> memoryview:
+        return self.shm.buf[slot * _ipc.SLOT_BYTES:(slot + 1) * _ipc.SLOT_BYTES]
+
+
+class CommServer:
+    def __init__(self, comm: Any, listen: str) -> None:
+        self.comm, self.listen = comm, listen
+        self.endpoint = ""
+        self._by_ident: dict[bytes, _Attached] = {}  # front thread only
+        self._outbox: collections.deque[ProcRequest] = collections.deque()
+        self._idle = False
+        self._bell_r, self._bell_w = os.pipe()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="comm-front", daemon=True)
+        self._pushes: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH (front thread only)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> CommServer:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise CommError(f"cannot listen on {self.listen}: {self._error}")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (safe twice); attached backends see CommClosed."""
+        if self._thread.is_alive():
+            self._stopping = True
+            os.write(self._bell_w, b"x")
+            self._thread.join(10)
+
+    def release(self) -> None:
+        """Unmap every segment; call after the communicator (its workers) stopped."""
+        for att in list(self._by_ident.values()):
+            self._drop(att)
+        for fd in (self._bell_r, self._bell_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ front thread
+    def _run(self) -> None:
+        ctx = self.comm._ctx
+        try:
+            router = ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            router.bind(self.listen)
+            self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(self._bell_r, zmq.POLLIN)
+        next_check = time.monotonic() + _LIVENESS_INTERVAL
+        try:
+            while not self._stopping:
+                self._idle = True
+                timeout = 0 if self._outbox else _LIVENESS_INTERVAL * 1000
+                events = dict(poller.poll(timeout))
+                self._idle = False
+                if self._bell_r in events:
+                    os.read(self._bell_r, 4096)
+                if router in events:
+                    self._drain(router)
+                self._flush(router)
+                if time.monotonic() >= next_check:
+                    self._check_liveness()
+                    next_check = time.monotonic() + _LIVENESS_INTERVAL
+        finally:
+            for att in self._by_ident.values():
+                self._abandon(att)
+            for s in self._pushes.values():
+                s.close(0)
+            router.close(0)
+
+    def _drain(self, router: zmq.Socket) -> None:
+        while router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = router.recv_multipart(zmq.NOBLOCK)
+            if len(frames) != 2 or not frames[1]:
+                continue
+            ident, msg = frames
+            try:
+                self._on_message(router, ident, msg)
+            except _ipc.IpcError as e:
+                log.warning("bad message from a backend process: %s", e)
+
+    def _on_message(self, router: zmq.Socket, ident: bytes, msg: bytes) -> None:
+        tag = msg[:1]
+        att = self._by_ident.get(ident)
+        if tag == b"A":
+            pid, slots = _ipc.decode_attach(msg)
+            if att is not None:
+                self._drop(att)
+            att = _Attached(self.comm._new_backend_id(), ident, pid, slots)
+            self._by_ident[ident] = att
+            log.info("attached %s with %d slots", att.name, slots)
+            router.send_multipart([ident, _ipc.encode_attached(os.getpid(), att.id, slots,
+                                                               att.shm.name)])
+        elif att is None:
+            return  # not attached (or detached): ignore
+        elif tag == b"R":
+            self._on_request(att, _ipc.decode_req(msg))
+        elif tag == b"C":
+            slot, use = _ipc.decode_cancel(msg)
+            p = att.pending.get(slot)
+            if p is not None and p.use == use:
+                p.abandoned = True
+        elif tag == b"D":
+            self._abandon(att)
+        elif tag == b"T":
+            st = self.comm.stats()
+            st["processes"] = {"attached": len(self._by_ident),
+                               "pending": sum(len(a.pending) for a in self._by_ident.values())}
+            router.send_multipart([ident, b"t" + json.dumps(st).encode()])
+        elif tag == b"S":
+            eps, stripe = _ipc.decode_shards(msg)
+            try:
+                self.comm.update_shards(eps, stripe_size=stripe)
+                router.send_multipart([ident, b"sOK"])
+            except CommError as e:
+                router.send_multipart([ident, b"s" + str(e).encode()])
+
+    # ------------------------------------------------------------ requests
+    def _on_request(self, att: _Attached, r: _ipc.Req) -> None:
+        if r.kind == _ipc.PREFETCH:
+            self._prefetch(att, r)
+            return
+        if r.slot >= att.slots or r.slot in att.pending:
+            log.warning("%s: request for slot %d refused (out of range or busy)", att.name,
+                        r.slot)
+            return
+        p = ProcRequest(att, r.slot, r.use, r.kind, att.view(r.slot), self._post)
+        att.pending[r.slot] = p
+        try:
+            self._start(att, p, r)
+        except CommError as e:
+            p.fail(e)
+        p.seal()
+
+    def _start(self, att: _Attached, p: ProcRequest, r: _ipc.Req) -> None:
+        lsn, nms = check_lsns(r.lsn, r.nms)
+        deadline = time.monotonic() + check_timeout(r.timeout, self.comm.config.request_timeout)
+        m = self.comm._map
+        if r.kind == Kind.GET_PAGES:
+            rel = check_rel(RelTag(r.spc, r.db, r.rel, r.fork))
+            if not r.blocks or any(b > MAX_BLOCKNO for b in r.blocks):
+                raise InvalidRequest("blocks must be 1..32 valid block numbers")
+            p.count = len(r.blocks)
+            self._get_pages(att, p, m, rel, r.blocks, lsn, nms, deadline)
+            return
+        if r.kind == Kind.REL_SIZE:
+            rel = check_rel(RelTag(r.spc, r.db, r.rel, r.fork))
+            ans = self.comm._relsizes.get(rel, lsn, nms)
+            if ans is not None:
+                p.exists, p.value = ans
+                return
+            cache = self.comm._relsizes
+
+            def remember(res: Any) -> None:
+                cache.put(rel, lsn, nms, *res)
+
+            job = WireJob(p, Kind.REL_SIZE, 0, rel, (), [], lsn, nms, deadline, 0, True,
+                          remember)
+        elif r.kind == Kind.DB_SIZE:
+            job = WireJob(p, Kind.DB_SIZE, 0, None, (), [], lsn, nms, deadline, 0, r.extra1)
+        elif r.kind == Kind.SLRU_SEGMENT:
+            try:
+                sk = SlruKind(r.extra1)
+            except ValueError:
+                raise InvalidRequest(f"unknown SLRU kind {r.extra1}") from None
+            job = WireJob(p, Kind.SLRU_SEGMENT, 0, None, (), [], lsn, nms, deadline, 0,
+                          (sk, r.extra2))
+        else:
+            raise InvalidRequest(f"unknown request kind {r.kind}")
+        p.add_part()
+        self._submit(job, m.worker_for(0, att.id))
+
+    def _get_pages(self, att: _Attached, p: ProcRequest, m: Any, rel: RelTag,
+                   blocks: tuple[int, ...], lsn: int, nms: int, deadline: float) -> None:
+        buf = self.comm._buffer
+        misses: dict[int, list[int]] = {}
+        for i, b in enumerate(blocks):
+            kind, val = (0, None)
+            if buf._entries:
+                p.add_part()
+                kind, val = buf.lookup(rel, b, lsn, nms, (p, i))
+                if kind == 2:  # JOINED: the prefetch delivers this part
+                    self._promote(val)
+                    continue
+                p.part_done()
+                if kind == 1:  # HIT
+                    p.write(i, val)
+                    continue
+            misses.setdefault(m.shard_of(rel, b), []).append(i)
+        for shard, pos in misses.items():
+            job = WireJob(p, Kind.GET_PAGES, int(RequestClass.NORMAL), rel,
+                          tuple(blocks[i] for i in pos), pos, lsn, nms, deadline, shard)
+            p.add_part()
+            self._submit(job, m.worker_for(shard, att.id))
+
+    def _promote(self, job: Any) -> None:
+        if job is not None and job.cls != RequestClass.NORMAL and not job.sent:
+            job.cls = int(RequestClass.NORMAL)
+            self.comm._buffer.note_promotion()
+            self._submit(job, job.worker)
+
+    def _prefetch(self, att: _Attached, r: _ipc.Req) -> None:
+        try:
+            rel = check_rel(RelTag(r.spc, r.db, r.rel, r.fork))
+            lsn, nms = check_lsns(r.lsn, r.nms)
+            deadline = time.monotonic() + check_timeout(r.timeout,
+                                                         self.comm.config.request_timeout)
+        except CommError:
+            return  # prefetch never raises; a bad one is simply not done
+        blocks = [b for b in r.blocks if b <= MAX_BLOCKNO]
+        self.comm._prefetch(_Submitter(self, att), rel, blocks, lsn, nms, deadline)
+
+    def _submit(self, job: Any, w: Any) -> None:
+        w.inbox.append(job)
+        if w.idle:
+            sock = self._pushes.get(w.pipe)
+            if sock is None:
+                sock = self._pushes[w.pipe] = self.comm._open_pipe(w.pipe)
+            sock.send(DOORBELL, zmq.NOBLOCK)
+
+    # ------------------------------------------------------------ completions
+    def _post(self, p: ProcRequest) -> None:
+        """Any thread: a request is complete; the front sends its completion."""
+        self._outbox.append(p)
+        if self._idle:
+            try:
+                os.write(self._bell_w, b"x")
+            except OSError:
+                pass  # closed at shutdown
+
+    def _flush(self, router: zmq.Socket) -> None:
+        while self._outbox:
+            p = self._outbox.popleft()
+            att = p.owner
+            if att.pending.get(p.slot) is p:
+                del att.pending[p.slot]
+            p.buf.release()
+            if att.gone:
+                if not att.pending:
+                    self._drop(att)
+                continue
+            if p.error is not None:
+                done = _ipc.Done(p.slot, p.use, _ipc.status_of(p.error), False, 0, 0,
+                                 str(p.error))
+            else:
+                done = _ipc.Done(p.slot, p.use, _ipc.OK, p.exists, p.count, p.value)
+            router.send_multipart([att.ident, _ipc.encode_done(done)])
+
+    # ------------------------------------------------------------ departures
+    def _check_liveness(self) -> None:
+        for att in list(self._by_ident.values()):
+            try:
+                os.kill(att.pid, 0)
+            except ProcessLookupError:
+                log.warning("%s died; releasing its slots", att.name)
+                self._abandon(att)
+            except PermissionError:
+                pass  # alive, another user
+
+    def _abandon(self, att: _Attached) -> None:
+        """The backend left: give up its requests, unlink its segment now, unmap it
+        once the workers are done with every slot."""
+        att.gone = True
+        self._by_ident.pop(att.ident, None)
+        self.comm._buffer.forget_owner(att.id)
+        for p in att.pending.values():
+            p.abandoned = True
+            p.fail(CLOSED)
+        try:
+            att.shm.unlink()
+        except FileNotFoundError:
+            pass
+        if not att.pending:
+            self._drop(att)
+
+    def _drop(self, att: _Attached) -> None:
+        if not att.gone:
+            self._abandon(att)
+            return
+        for p in att.pending.values():
+            p.buf.release()
+        att.pending.clear()
+        try:
+            att.shm.close()
+        except BufferError:
+            log.warning("%s: segment still in use at close", att.name)
+
+    def attached(self) -> int:
+        return len(self._by_ident)
+
+
+class _Submitter:
+    """What Communicator._prefetch needs of a backend, for a backend process."""
+
+    def __init__(self, server: CommServer, att: _Attached) -> None:
+        self.id, self.name, self._server = att.id, att.name, server
+
+    def _submit(self, job: Any, w: Any) -> None:
+        self._server._submit(job, w)
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the communicator as its own process for backend "
+                                     "processes (shards and tuning from COMM_* variables)")
+    p.add_argument("--listen", required=True, help="endpoint for backends, e.g. ipc:///tmp/c")
+    p.set_defaults(func=serve_main)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from ._communicator import Communicator
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    comm = Communicator.from_env()
+    server = None
+    try:
+        server = CommServer(comm, args.listen).start()
+        print(f"READY {server.endpoint}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if server is not None:
+            server.stop()
+        comm.close()
+        if server is not None:
+            server.release()
+    print("stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,152 @@
+"""Backends as processes: `python -m comm serve` in its own process, backend
+processes attached over ipc with their slot rings in shared memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import comm
+from shards import LocalCluster, generate_store
+from shards._synth import synth_pages
+
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(120)]
+SHARDS, STRIPE, NBLOCKS, LSN = 4, 16, 256, 0x1000000
+
+READER = r"""
+import random, sys, comm
+from shards._synth import synth_pages, synth_rels
+ep, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rels = synth_rels(2)
+want = {r: synth_pages(r, range(%(nblocks)d), %(lsn)d) for r in rels}
+rnd = random.Random(seed); ok = wrong = 0
+with comm.attach(ep) as be:
+    print("attached", flush=True)
+    i = 0
+    while n < 0 or i < n:
+        rel = rnd.choice(rels); blocks = [rnd.randrange(%(nblocks)d) for _ in range(rnd.choice((1, 7, 40)))]
+        if rnd.random() < 0.2:
+            be.prefetch(rel, range(blocks[0], min(%(nblocks)d, blocks[0] + 32)), %(lsn)d)
+        pages = be.get_pages(rel, blocks, %(lsn)d)
+        good = all(p == want[rel][b] for p, b in zip(pages, blocks))
+        ok += good; wrong += not good; i += 1
+print(f"ok={ok} wrong={wrong}", flush=True)
+""" % {"nblocks": NBLOCKS, "lsn": LSN}
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    d = tmp_path_factory.mktemp("procs") / "store"
+    generate_store(d, SHARDS, STRIPE, rels=2, nblocks=NBLOCKS, lsns=(LSN,))
+    with LocalCluster(d) as cl:
+        yield cl
+
+
+class CommProcess:
+    def __init__(self, cluster: LocalCluster, path: Path) -> None:
+        self.endpoint = f"ipc://{path}"
+        env = {**os.environ, "COMM_SHARDS": ",".join(cluster.endpoints),
+               "COMM_STRIPE_SIZE": str(STRIPE)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "comm", "serve", "--listen",
+                                      self.endpoint], stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("READY"), line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def commproc(cluster: LocalCluster, tmp_path: Path) -> Iterator[CommProcess]:
+    cp = CommProcess(cluster, tmp_path / "comm.ipc")
+    yield cp
+    cp.stop()
+
+
+def reader(ep: str, seed: int, n: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", READER, ep, str(seed), str(n)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_eight_backend_processes_read_verified_pages(commproc: CommProcess) -> None:
+    before = shm_segments()
+    procs = [reader(commproc.endpoint, i, 150) for i in range(8)]
+    outs = [p.communicate(timeout=90) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert "ok=150 wrong=0" in out, out
+    with comm.attach(commproc.endpoint) as be:
+        st = be.comm_stats()
+        assert st["processes"]["attached"] == 1 and st["processes"]["pending"] == 0
+        assert sum(s["completed"] for s in st["shards"]) > 0
+        assert be.get_page(comm.RelTag(1663, 16384, 16384), 3, LSN) == synth_pages(
+            comm.RelTag(1663, 16384, 16384), [3], LSN)[0]
+    assert wait_for(lambda: shm_segments() <= before)
+
+
+def test_backend_killed_mid_read_leaks_nothing(commproc: CommProcess) -> None:
+    before = shm_segments()
+    p = reader(commproc.endpoint, 99, -1)  # reads until killed
+    assert p.stdout is not None and p.stdout.readline().strip() == "attached"
+    time.sleep(0.5)
+    p.kill()
+    p.wait(10)
+    with comm.attach(commproc.endpoint) as be:
+        assert wait_for(lambda: be.comm_stats()["processes"] == {"attached": 1, "pending": 0})
+        assert be.comm_stats()["slots_in_use"] == 0
+    assert wait_for(lambda: shm_segments() <= before), shm_segments() - before
+
+
+def test_communicator_death_is_commclosed_and_reattach_works(cluster: LocalCluster,
+                                                              tmp_path: Path) -> None:
+    before = shm_segments()
+    cp = CommProcess(cluster, tmp_path / "c.ipc")
+    rel = comm.RelTag(1663, 16384, 16384)
+    be = comm.attach(cp.endpoint)
+    try:
+        assert be.get_page(rel, 1, LSN) == synth_pages(rel, [1], LSN)[0]
+        cp.proc.kill()
+        cp.proc.wait(10)
+        t = time.monotonic()
+        with pytest.raises(comm.CommClosed):
+            be.get_page(rel, 2, LSN, timeout=30)
+        assert time.monotonic() - t < 2.0
+    finally:
+        be.close()
+    cp2 = CommProcess(cluster, tmp_path / "c.ipc")
+    try:
+        with comm.attach(cp2.endpoint) as be2:
+            assert be2.get_page(rel, 2, LSN) == synth_pages(rel, [2], LSN)[0]
+    finally:
+        cp2.stop()
+    assert wait_for(lambda: shm_segments() <= before), shm_segments() - before
+
+
+def test_attach_errors_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(comm.CommClosed):
+        comm.attach(f"ipc://{tmp_path}/nobody.ipc", timeout=0.3)
+    with pytest.raises(comm.InvalidRequest):
+        comm.attach("not an endpoint")
