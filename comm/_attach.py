@@ -75,7 +75,7 @@ class ProcBackend:
 
     def _attach(self, slots: int, timeout: float) -> None:
         self._sock.send(_ipc.encode_attach(os.getpid(), slots))
-        if not self._sock.poll(timeout * 1000):
+        if not self._sock.poll(int(timeout * 1000)):
             raise CommClosed(f"no communicator answered at {self._endpoint}")
         pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
         self._comm_pid, self.id, self.slots = pid, bid, n
@@ -229,7 +229,9 @@ class ProcBackend:
     def _buf(self) -> memoryview:
         if self._shm is None:
             raise CommClosed(f"{getattr(self, 'name', 'backend')} is closed")
-        return self._shm.buf
+        buf = self._shm.buf
+        assert buf is not None  # mapped until close()
+        return buf
 
     def _enter(self) -> None:
         if self._closed:
@@ -307,7 +309,7 @@ class ProcBackend:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout(f"{self.name}: no completion within the deadline")
-            if self._sock.poll(min(left, _SLICE) * 1000):
+            if self._sock.poll(max(1, int(min(left, _SLICE) * 1000))):
                 return self._sock.recv()
             try:
                 os.kill(self._comm_pid, 0)

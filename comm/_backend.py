@@ -395,7 +395,8 @@ class Backend:
             self._orphans.append(slot)
             raise RequestTimeout(f"{self.name}: no reply from shard {slot.shard} within the "
                                  f"deadline for {Kind(slot.kind).name} {slot.rel} "
-                                 f"{list(slot.blocks)} at lsn {slot.lsn:#x}")
+                                 f"{list(slot.blocks)} at lsn {slot.lsn:#x}"
+                                 f"{self._comm._shard_trouble(slot.shard)}")
         state = slot.state
         if state == SlotState.DONE or state == SlotState.FAILED:
             self._free.append(slot.index)

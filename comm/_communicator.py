@@ -24,7 +24,8 @@ from typing import Any
 import zmq
 
 from prefetch import PrefetchBuffer, RelSizeCache
-from shards import MAX_BLOCKS_PER_REQUEST, RelTag
+from shards import MAX_BLOCKS_PER_REQUEST, RelTag, ShardsError
+from shards._curve import load_public, load_secret
 from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
@@ -37,6 +38,21 @@ from ._worker import STOP, ShardWorker
 log = logging.getLogger(__name__)
 _instances = itertools.count(1)
 _PREFETCH = int(RequestClass.PREFETCH)
+
+
+def _curve_files(cfg: CommConfig) -> tuple[str, str] | None:
+    """The CURVE key files, read once here so that a bad one is a ConfigError now."""
+    if cfg.curve_secret is None or cfg.curve_server_key is None:
+        return None
+    try:
+        load_secret(cfg.curve_secret)
+    except ShardsError as e:
+        raise ConfigError(f"COMM_CURVE_SECRET: {e}") from None
+    try:
+        load_public(cfg.curve_server_key)
+    except ShardsError as e:
+        raise ConfigError(f"COMM_CURVE_SERVER_KEY: {e}") from None
+    return cfg.curve_secret, cfg.curve_server_key
 
 
 class PrefetchJob:
@@ -106,6 +122,7 @@ class Communicator:
         self._closed = False
         self._control: zmq.Socket | None = None  # owned by whichever thread holds _lock
         self._started = time.monotonic()
+        self._curve = _curve_files(cfg)
         self._ctx = zmq.Context()
         self._ctx.set(zmq.MAX_SOCKETS, cfg.max_sockets)
         self._retired: list[ShardWorker] = []  # workers of replaced maps, stopped at close
@@ -149,7 +166,7 @@ class Communicator:
                         window=self.config.inflight_per_conn,
                         verify=self.config.verify_checksums,
                         attempt_timeout=self.config.attempt_timeout,
-                        stuck_after=self.config.stuck_log_after)
+                        stuck_after=self.config.stuck_log_after, curve=self._curve)
         w.start()
         return w
 
@@ -259,6 +276,18 @@ class Communicator:
             "relsize_cache": self._relsizes.snapshot(),
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
+
+    def _shard_trouble(self, shard: int) -> str:
+        """A hint for timeout messages: what is known to be wrong with ``shard``."""
+        m = self._map
+        if not 0 <= shard < m.count:
+            return ""
+        conns = [getattr(w, "_conn", None) for w in m.workers[shard]]
+        if any(c is not None and c.auth_failed for c in conns):
+            return " (the server refused our CURVE key)"
+        if conns and not any(c is not None and c.connected for c in conns):
+            return f" (not connected to {m.endpoints[shard]})"
+        return ""
 
     def _latency_snapshot(self) -> LatencySnapshot:
         """Call latencies of every backend, live and closed (for the metrics endpoint)."""

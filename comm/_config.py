@@ -28,6 +28,8 @@ class CommConfig:
     stuck_log_after: float = 10.0
     metrics_port: int | None = None
     verify_checksums: bool = False
+    curve_secret: str | None = None  # this client's CURVE .key_secret file
+    curve_server_key: str | None = None  # the page servers' CURVE public .key file
     # not a COMM_* variable: the inproc pipes and sockets per Context
     max_sockets: int = field(default=65536, repr=False)
 
@@ -49,6 +51,13 @@ class CommConfig:
                                                           for s in self.shards):
             raise ConfigError(f"COMM_SHARDS (shards) must be a tuple of endpoint strings, "
                               f"got {self.shards!r}")
+        if (self.curve_secret is None) != (self.curve_server_key is None):
+            raise ConfigError("COMM_CURVE_SECRET and COMM_CURVE_SERVER_KEY go together: the "
+                              "client's .key_secret file and the servers' public .key file")
+        for attr in ("curve_secret", "curve_server_key"):
+            path = getattr(self, attr)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"COMM_{attr.upper()} ({attr}): no such file {path!r}")
         if len(self.shards) > 255:
             raise ConfigError(f"COMM_SHARDS lists {len(self.shards)} shards; at most 255")
 
@@ -88,6 +97,8 @@ def _parse(attr: str, env: str, raw: str) -> object:
             return eps
         if attr in ("request_timeout", "attempt_timeout", "stuck_log_after"):
             return float(raw)
+        if attr in ("curve_secret", "curve_server_key"):
+            return raw
         if attr == "verify_checksums":
             low = raw.lower()
             if low in ("1", "true", "yes", "on"):

@@ -16,9 +16,13 @@ import logging
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from shards._curve import secure_client
+
 log = logging.getLogger(__name__)
 
-_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0) | getattr(
+    zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0)
+_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _AUTH_FAILED
 RECONNECT_MIN_MS = 1
 RECONNECT_MAX_MS = 1000
 
@@ -26,8 +30,10 @@ RECONNECT_MAX_MS = 1000
 class Connection:
     """Socket plumbing only; every decision about requests stays in the worker."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, name: str) -> None:
-        self.ctx, self.endpoint, self.name = ctx, endpoint, name
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str,
+                 curve: tuple[str, str] | None = None) -> None:
+        self.ctx, self.endpoint, self.name, self.curve = ctx, endpoint, name, curve
+        self.auth_failed = False  # the server refused our CURVE key
         self.generation = 0  # bumped by reset(): pollers must re-register
         self.connected = False
         self.reconnects = 0
@@ -41,6 +47,8 @@ class Connection:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        if self.curve is not None:
+            secure_client(s, *self.curve)
         mon = s.get_monitor_socket(_EVENTS)
         mon.setsockopt(zmq.LINGER, 0)
         s.connect(self.endpoint)
@@ -52,7 +60,12 @@ class Connection:
         while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
             out.append(ev)
-            if ev == zmq.EVENT_CONNECTED and not self.connected:
+            if ev & _AUTH_FAILED:
+                if not self.auth_failed:
+                    log.error("%s: %s refused our CURVE key (handshake failed); requests "
+                              "will time out", self.name, self.endpoint)
+                self.auth_failed = True
+            elif ev == zmq.EVENT_CONNECTED and not self.connected:
                 self.connected = True
                 log.info("%s: connected to %s", self.name, self.endpoint)
             elif ev == zmq.EVENT_DISCONNECTED and self.connected:

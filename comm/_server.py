@@ -55,7 +55,9 @@ class _Attached:
         self.gone = False
 
     def view(self, slot: int) -> memoryview:
-        return self.shm.buf[slot * _ipc.SLOT_BYTES:(slot + 1) * _ipc.SLOT_BYTES]
+        buf = self.shm.buf
+        assert buf is not None  # mapped until _drop()
+        return buf[slot * _ipc.SLOT_BYTES:(slot + 1) * _ipc.SLOT_BYTES]
 
 
 class CommServer:
@@ -117,7 +119,7 @@ class CommServer:
         try:
             while not self._stopping:
                 self._idle = True
-                timeout = 0 if self._outbox else _LIVENESS_INTERVAL * 1000
+                timeout = 0 if self._outbox else int(_LIVENESS_INTERVAL * 1000)
                 events = dict(poller.poll(timeout))
                 self._idle = False
                 if self._bell_r in events:
@@ -136,7 +138,7 @@ class CommServer:
             router.close(0)
 
     def _drain(self, router: zmq.Socket) -> None:
-        while router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             frames = router.recv_multipart(zmq.NOBLOCK)
             if len(frames) != 2 or not frames[1]:
                 continue

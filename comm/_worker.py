@@ -38,7 +38,7 @@ from typing import Any
 import zmq
 from sortedcontainers import SortedList
 
-from shards import verify_page_checksum
+from shards import ShardsError, verify_page_checksum
 from shards.protocol import (
     DbSizeRequest,
     Kind,
@@ -84,11 +84,12 @@ class ShardWorker:
 
     def __init__(self, ctx: zmq.Context, shard: int, index: int, server: str, pipe: str, *,
                  window: int, verify: bool, attempt_timeout: float = 10.0,
-                 stuck_after: float = 10.0) -> None:
+                 stuck_after: float = 10.0, curve: tuple[str, str] | None = None) -> None:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self._prefetch_window = max(1, window - max(1, window // 4))
         self.attempt_timeout, self.stuck_after = attempt_timeout, stuck_after
+        self.curve = curve  # (client secret file, server public key file) or None
         self._logged: set[int] = set()  # request ids already logged as stuck
         self.name = f"comm-shard{shard}-w{index}"
         self.stats = WorkerStats()
@@ -121,8 +122,8 @@ class ShardWorker:
             pull.setsockopt(zmq.LINGER, 0)
             pull.setsockopt(zmq.RCVHWM, 0)
             pull.bind(self.pipe)
-            self._conn = Connection(self.ctx, self.server, self.name)
-        except zmq.ZMQError as e:
+            self._conn = Connection(self.ctx, self.server, self.name, self.curve)
+        except (zmq.ZMQError, ShardsError) as e:
             self.startup_error = e
             self.ready.set()
             return
@@ -370,9 +371,10 @@ class ShardWorker:
 
     def _timeout(self, job: Any) -> None:
         self.stats.timeouts += 1
+        why = " (the server refused our CURVE key)" if self._conn.auth_failed else ""
         job.fail(RequestTimeout(f"shard {self.shard} did not answer {Kind(job.kind).name} "
                                 f"{job.rel} {list(job.blocks)} at lsn {job.lsn:#x} before the "
-                                f"deadline (attempt {job.attempt})"))
+                                f"deadline (attempt {job.attempt}){why}"))
 
     def _fail_everything(self, pull: zmq.Socket) -> None:
         self._deliver()

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import _pgimport, _server, _synth
+from . import _curve, _pgimport, _server, _synth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     _pgimport.add_cli(sub)
     _synth.add_cli(sub)
     _server.add_cli(sub)
+    _curve.add_cli(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import logging
+import os
 import random
 import signal
 import struct
@@ -41,6 +42,7 @@ from typing import Any
 
 import zmq
 
+from ._curve import check_exposure, secure_server
 from ._errors import ProtocolError, ShardsError, StoreError
 from ._protocol import (
     _PREFIX,
@@ -108,7 +110,8 @@ class PageServer:
                  latency: float = 0.0, lsn_wait: float = 1.0,
                  faults: ServerFaults | None = None, max_queue: int = 4096,
                  max_batch: int = 1024, metrics_port: int | None = None,
-                 metrics_addr: str = "127.0.0.1") -> None:
+                 metrics_addr: str = "127.0.0.1", curve_secret: str | None = None,
+                 curve_clients: str | None = None, insecure: bool = False) -> None:
         check_shard_params(shard_count, stripe_size)
         if not isinstance(shard, int) or not 0 <= shard < shard_count:
             raise ValueError(f"shard={shard!r} is outside 0..{shard_count - 1}")
@@ -123,6 +126,11 @@ class PageServer:
         if metrics_port is not None and (isinstance(metrics_port, bool) or not isinstance(
                 metrics_port, int) or not 0 <= metrics_port <= 65535):
             raise ValueError(f"metrics_port must be an integer in 0..65535, got {metrics_port!r}")
+        if (curve_secret is None) != (curve_clients is None):
+            raise ValueError("CURVE needs both curve_secret (this server's .key_secret file) "
+                             "and curve_clients (a directory of accepted client .key files)")
+        check_exposure(bind, curve_secret is not None, insecure, log)
+        self.curve_secret, self.curve_clients = curve_secret, curve_clients
         self.store = store
         self.metrics_port, self.metrics_addr = metrics_port, metrics_addr
         self.metrics: Any = None  # a _metrics.ServerMetrics while running with metrics_port
@@ -230,7 +238,10 @@ class PageServer:
     def _run(self) -> None:
         ctx = zmq.Context(io_threads=1)
         sock = ctx.socket(zmq.ROUTER)
+        auth = None
         try:
+            if self.curve_secret is not None and self.curve_clients is not None:
+                auth = secure_server(ctx, sock, self.curve_secret, self.curve_clients)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies are dropped
@@ -239,9 +250,11 @@ class PageServer:
             sock.bind(self.bind)
             with self._lock:
                 self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, ShardsError) as e:
             self._start_error = e
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             self._started.set()
             return
@@ -254,6 +267,8 @@ class PageServer:
             log.exception("page server loop failed")
         finally:
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
     def _loop(self, sock: zmq.Socket) -> None:
@@ -532,6 +547,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="serve Prometheus metrics on this HTTP port (0: any free port)")
     p.add_argument("--metrics-addr", default="127.0.0.1",
                    help="address for --metrics-port (0.0.0.0 to let other hosts scrape)")
+    p.add_argument("--curve-secret", default=os.environ.get("SHARDS_CURVE_SECRET"),
+                   help="this server's CURVE .key_secret file (env SHARDS_CURVE_SECRET)")
+    p.add_argument("--curve-clients", default=os.environ.get("SHARDS_CURVE_CLIENTS"),
+                   help="directory of accepted clients' .key files (env SHARDS_CURVE_CLIENTS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without CURVE (plaintext, a warning)")
     p.set_defaults(func=_serve_cli)
 
 
@@ -557,7 +578,10 @@ def _serve_cli(args: argparse.Namespace) -> int:
                                args.bind, latency=args.latency_ms / 1000.0,
                                lsn_wait=args.lsn_wait, max_queue=args.max_queue,
                                metrics_port=args.metrics_port,
-                               metrics_addr=args.metrics_addr) as srv:
+                               metrics_addr=args.metrics_addr,
+                               curve_secret=args.curve_secret,
+                               curve_clients=args.curve_clients,
+                               insecure=args.insecure) as srv:
             print(f"READY {srv.endpoint}", flush=True)
             while not stop.wait(0.5):
                 pass

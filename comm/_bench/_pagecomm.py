@@ -17,6 +17,14 @@ from .. import Backend, CommConfig, Communicator
 from ._setup import Dataset, Params
 
 
+def prefetch_buffer_pages(p: Params, backends: int) -> int:
+    """The shared prefetch buffer of a cell (the proc design uses the same size)."""
+    # room for every backend's lookahead (what a tuner would set); no more, so that
+    # re-reads of consumed pages (a cache effect) stay rare: see _workloads.py
+    return p.prefetch_pages or max(CommConfig.prefetch_pages,
+                                   backends * (p.distance + p.scan_batch))
+
+
 class PagecommDesign:
     """One Communicator per cell, so its counters are the cell's."""
 
@@ -24,10 +32,7 @@ class PagecommDesign:
 
     def __init__(self, ds: Dataset, p: Params, endpoints: list[str], backends: int) -> None:
         self.ds, self.p = ds, p
-        # room for every backend's lookahead (what a tuner would set); no more, so that
-        # re-reads of consumed pages (a cache effect) stay rare: see _workloads.py
-        buffer = p.prefetch_pages or max(CommConfig.prefetch_pages,
-                                         backends * (p.distance + p.scan_batch))
+        buffer = prefetch_buffer_pages(p, backends)
         cfg = CommConfig(shards=tuple(endpoints), stripe_size=ds.stripe,
                          threads_per_shard=p.threads_per_shard, inflight_per_conn=p.inflight,
                          prefetch_pages=buffer)

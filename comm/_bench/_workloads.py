@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Backends are threads of this process for every design. Each thread opens its
+Backends are threads of this process for every design but proc. Each thread opens its
 design's backend handle (connections, pipes), does one warm-up read, waits at the
 cell's barrier, then loops until the stop flag, recording per-call latency and
 pages (only inside the timed window). Roles:
@@ -22,7 +22,9 @@ shared buffer, bounded by buffer size / data set size).
 
 Workload ``mixed`` runs two phases: the random half alone, then the same random
 half while the other half scans; it reports the random readers' p99 in both.
-Design (a), raw, is a single pipelined client thread (see _raw.py).
+Design (a), raw, is a single pipelined client thread (see _raw.py). Design (d),
+proc, runs these same loops in backend PROCESSES attached to one ``python -m comm
+serve`` (see _proc.py).
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ def _raw_cell(workload: str, ds: Dataset, cluster: LocalCluster, p: Params) -> d
 
 def _phase(design: str, roles: list[str], ds: Dataset, cluster: LocalCluster,
            p: Params) -> dict[str, Any]:
+    if design == "proc":  # backends are processes: see _proc.py
+        from ._proc import proc_phase
+
+        return proc_phase(roles, ds, cluster, p)
     d = DESIGNS[design](ds, p, list(cluster.endpoints), len(roles))
     rec = Recorder(ds, len(roles), p.seed)
     threads = [threading.Thread(target=_backend_main, args=(d, rec, i, role, p),
