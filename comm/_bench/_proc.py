@@ -45,29 +45,24 @@ from typing import IO, Any
 from shards import LocalCluster, RelTag, synth_page
 
 from ._pagecomm import PagecommBackend, prefetch_buffer_pages
-from ._setup import Dataset, Params, Recorder, Tally, own_cpu, server_cpu, summarize
+from ._setup import (
+    COPIES_PER_PAGE,
+    COPY_PATH,
+    CPU_METHOD,
+    Dataset,
+    Params,
+    Recorder,
+    Tally,
+    own_cpu,
+    pid_cpu,
+    server_cpu,
+    summarize,
+)
 from ._workloads import _random, _scan
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PKG_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 _START_TIMEOUT = 120.0  # spawning many interpreters on a small box is slow
 _STOP_TIMEOUT = 30.0
-
-COPIES_PER_PAGE = {"proc": 3, "pagecomm": 1}
-COPY_PATH = {
-    "proc": "3 copies: (1) shard worker's recv_multipart copies the ZeroMQ frame into a "
-            "bytes object; (2) the worker writes it into the backend's shared-memory slot; "
-            "(3) the backend process copies it out of the slot into the returned bytes",
-    "pagecomm": "1 copy: the bytes object made from the ZeroMQ frame by the shard worker is "
-                "handed to the backend thread as is",
-}
-CPU_METHOD = {
-    "proc": "sum of the bench process (getrusage RUSAGE_SELF), the comm serve process and "
-            "the backend processes (/proc/<pid>/stat utime+stime), each sampled at the start "
-            "and end of the timed window",
-    "pagecomm": "the bench process (getrusage RUSAGE_SELF): backend threads + communicator",
-}
-
 
 @dataclass(frozen=True)
 class _Spec:
@@ -166,16 +161,6 @@ def proc_phase(roles: list[str], ds: Dataset, cluster: LocalCluster,
     return res
 
 
-def _proc_cpu(pid: int) -> float:
-    """utime + stime of a live process, seconds (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 class _ProcCell:
     """The comm serve process, the backend processes and their queue (parent only)."""
 
@@ -215,7 +200,8 @@ class _ProcCell:
         self._err = tempfile.TemporaryFile(prefix="comm-serve-stderr-")
         self.serve = subprocess.Popen(
             [sys.executable, "-m", "comm", "serve", "--listen", self.endpoint],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env,
+            start_new_session=True)
         self._await_ready()
         self.ctl = attach(self.endpoint, slots=1)
 
@@ -257,13 +243,13 @@ class _ProcCell:
             self.children.append(c)
         self._collect("ready", _START_TIMEOUT)
         pids = [c.pid for c in self.children] + [self.serve.pid]
-        cpu0, scpu0 = (own_cpu(), *(_proc_cpu(x) for x in pids)), server_cpu(self.cluster)
+        cpu0, scpu0 = (own_cpu(), *(pid_cpu(x) for x in pids)), server_cpu(self.cluster)
         t0 = time.perf_counter()
         self.go.set()
         time.sleep(self.p.duration)
         self.stop.set()
         elapsed = time.perf_counter() - t0
-        cpu1, scpu1 = (own_cpu(), *(_proc_cpu(x) for x in pids)), server_cpu(self.cluster)
+        cpu1, scpu1 = (own_cpu(), *(pid_cpu(x) for x in pids)), server_cpu(self.cluster)
         d = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
         split = {"bench": d[0], "backends": sum(d[1:-1]), "comm_serve": d[-1]}
         stats = self.ctl.comm_stats()

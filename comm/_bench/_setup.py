@@ -30,6 +30,23 @@ from shards._synth import generate_store, synth_page
 VERIFY_EVERY = 50  # full byte comparison of one page in this many
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# copies of each page between the ZeroMQ frame and the bytes a backend gets, and how
+# a cell's CPU is counted; reported in every pagecomm / proc cell
+COPIES_PER_PAGE = {"proc": 3, "pagecomm": 1}
+COPY_PATH = {
+    "proc": "3 copies: (1) shard worker's recv_multipart copies the ZeroMQ frame into a "
+            "bytes object; (2) the worker writes it into the backend's shared-memory slot; "
+            "(3) the backend process copies it out of the slot into the returned bytes",
+    "pagecomm": "1 copy: the bytes object made from the ZeroMQ frame by the shard worker is "
+                "handed to the backend thread as is",
+}
+CPU_METHOD = {
+    "proc": "sum of the bench process (getrusage RUSAGE_SELF), the comm serve process and "
+            "the backend processes (/proc/<pid>/stat utime+stime), each sampled at the start "
+            "and end of the timed window",
+    "pagecomm": "the bench process (getrusage RUSAGE_SELF): backend threads + communicator",
+}
+
 
 @dataclass(frozen=True)
 class Params:
@@ -70,19 +87,19 @@ class Dataset:
         return LocalCluster(self.store, latency_ms=latency_ms).start()
 
 
+def pid_cpu(pid: int) -> float:
+    """CPU seconds (utime + stime) used so far by a live process; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def server_cpu(cluster: LocalCluster) -> float:
     """CPU seconds (user+system) used so far by the cluster's server processes."""
-    total = 0.0
-    for p in cluster.procs:
-        if p is None:
-            continue
-        try:
-            with open(f"/proc/{p.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return sum(pid_cpu(p.pid) for p in cluster.procs if p is not None)
 
 
 def own_cpu() -> float:

@@ -38,7 +38,16 @@ from shards import LocalCluster
 from ._olddesign import OldDesign
 from ._pagecomm import PagecommDesign
 from ._raw import raw_thread
-from ._setup import Dataset, Params, Recorder, Tally, summarize
+from ._setup import (
+    COPIES_PER_PAGE,
+    COPY_PATH,
+    CPU_METHOD,
+    Dataset,
+    Params,
+    Recorder,
+    Tally,
+    summarize,
+)
 
 DESIGNS: dict[str, Any] = {"old": OldDesign, "pagecomm": PagecommDesign}
 WORKLOADS = ("random", "scan", "mixed", "samescan")
@@ -111,6 +120,9 @@ def _phase(design: str, roles: list[str], ds: Dataset, cluster: LocalCluster,
     res = summarize(rec.tallies, raw)
     res["roles"] = {r: _strip(summarize(rec.tallies, raw, r)) for r in sorted(set(roles))}
     res.update(backends=len(roles), connections=raw["connections"], prefetch=d.prefetch())
+    if design in COPIES_PER_PAGE:
+        res.update(cpu_method=CPU_METHOD[design], copies_per_page=COPIES_PER_PAGE[design],
+                   copy_path=COPY_PATH[design])
     return res
 
 

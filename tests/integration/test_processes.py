@@ -31,14 +31,15 @@ with comm.attach(ep) as be:
     print("attached", flush=True)
     i = 0
     while n < 0 or i < n:
-        rel = rnd.choice(rels); blocks = [rnd.randrange(%(nblocks)d) for _ in range(rnd.choice((1, 7, 40)))]
+        rel = rnd.choice(rels)
+        blocks = [rnd.randrange(%(nblocks)d) for _ in range(rnd.choice((1, 7, 40)))]
         if rnd.random() < 0.2:
             be.prefetch(rel, range(blocks[0], min(%(nblocks)d, blocks[0] + 32)), %(lsn)d)
         pages = be.get_pages(rel, blocks, %(lsn)d)
         good = all(p == want[rel][b] for p, b in zip(pages, blocks))
         ok += good; wrong += not good; i += 1
 print(f"ok={ok} wrong={wrong}", flush=True)
-""" % {"nblocks": NBLOCKS, "lsn": LSN}
+""" % {"nblocks": NBLOCKS, "lsn": LSN}  # noqa: UP031 (the script has braces of its own)
 
 
 def shm_segments() -> set[str]:
