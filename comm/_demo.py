@@ -29,6 +29,7 @@ from shards import (
     read_layout,
 )
 from shards._checksum import verify_page_checksums
+from shards._pgimport import relation_path
 from shards._synth import generate_store, synth_pages
 
 from ._communicator import Communicator
@@ -98,27 +99,13 @@ def _load(args: argparse.Namespace, work: Path) -> tuple[Any, Expected, str]:
 
 
 def _file_reader(pgdata: Path) -> Expected:
-    """Expected bytes of a block, read straight from the (stopped) data directory."""
-    from shards._types import FORK_SUFFIXES
-
-    def rel_path(rel: RelTag) -> Path:
-        name = f"{rel.rel}{FORK_SUFFIXES[rel.fork]}"
-        if rel.spc == 1664:
-            return pgdata / "global" / name
-        if rel.spc == 1663:
-            return pgdata / "base" / str(rel.db) / name
-        (ver,) = (pgdata / "pg_tblspc" / str(rel.spc)).glob("PG_15_*")
-        return ver / str(rel.db) / name
-
+    """Expected bytes of a block range, read straight from the (stopped) data directory."""
     def expected(rel: RelTag, start: int, end: int) -> bytes:
         out, blk = [], start
         while blk < end:  # one read per 1 GiB segment file touched
             seg, off = divmod(blk, SEGMENT_BLOCKS)
-            path = rel_path(rel)
-            if seg:
-                path = path.with_name(f"{path.name}.{seg}")
             n = min(end - blk, SEGMENT_BLOCKS - off)
-            with open(path, "rb") as f:
+            with open(relation_path(pgdata, rel, seg), "rb") as f:
                 f.seek(off * BLCKSZ)
                 out.append(f.read(n * BLCKSZ))
             blk += n

@@ -42,7 +42,7 @@ from ._errors import PgImportError, StoreError
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
 from ._store import LAYOUT_FILE, PageStore, open_shard_store, read_layout, write_layout
 from ._synth import _parse_lsn, format_lsn
-from ._types import BLCKSZ, MAX_LSN, RelTag
+from ._types import BLCKSZ, FORK_SUFFIXES, MAX_LSN, RelTag
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,20 @@ class _Scan:
 
 
 # ---------------------------------------------------------------- the data directory
+
+def relation_path(pgdata: str | os.PathLike[str], rel: RelTag, segno: int = 0) -> Path:
+    """The file holding segment ``segno`` (1 GiB, 131072 blocks) of ``rel`` in ``pgdata``."""
+    root = Path(pgdata)
+    name = f"{rel.rel}{FORK_SUFFIXES[rel.fork]}" + (f".{segno}" if segno else "")
+    if rel.spc == 1664:
+        return root / "global" / name
+    if rel.spc == 1663:
+        return root / "base" / str(rel.db) / name
+    found = sorted((root / "pg_tblspc" / str(rel.spc)).glob("PG_15_*"))
+    if not found:
+        raise PgImportError(f"tablespace {rel.spc} has no PG_15_* directory in {root}")
+    return found[0] / str(rel.db) / name
+
 
 def check_pgdata(pgdata: str | os.PathLike[str]) -> Path:
     """``pgdata`` as a Path if it is a stopped PostgreSQL data directory, else PgImportError."""

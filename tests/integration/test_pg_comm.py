@@ -14,20 +14,10 @@ from pgcluster import PgCluster, relation_pages
 
 import comm
 from shards import BLCKSZ, LocalCluster, import_pgdata
-from shards._types import FORK_SUFFIXES
+from shards._pgimport import relation_path
 
 pytestmark = [pytest.mark.postgres, pytest.mark.servers, pytest.mark.timeout(300)]
 SEGMENT = 131072
-
-
-def rel_file(pgdata: Path, rel: comm.RelTag) -> Path:
-    name = f"{rel.rel}{FORK_SUFFIXES[rel.fork]}"
-    if rel.spc == 1664:
-        return pgdata / "global" / name
-    if rel.spc == 1663:
-        return pgdata / "base" / str(rel.db) / name
-    (ver,) = (pgdata / "pg_tblspc" / str(rel.spc)).glob("PG_15_*")
-    return ver / str(rel.db) / name
 
 
 def test_rebuild_data_directory_through_the_communicator(pg_cluster: PgCluster,
@@ -43,9 +33,7 @@ def test_rebuild_data_directory_through_the_communicator(pg_cluster: PgCluster,
         # wipe every relation file: what pg_checksums sees next came through pagecomm
         for rel in sizes:
             for seg in range(0, max(1, (sizes[rel] + SEGMENT - 1) // SEGMENT)):
-                p = rel_file(pg.pgdata, rel)
-                p = p.with_name(f"{p.name}.{seg}") if seg else p
-                with open(p, "r+b") as f:
+                with open(relation_path(pg.pgdata, rel, seg), "r+b") as f:
                     f.truncate(0)
         got = read_everything(tmp_path / "store", sizes, lsn)
         assert len(got) == len(files)
@@ -53,14 +41,12 @@ def test_rebuild_data_directory_through_the_communicator(pg_cluster: PgCluster,
         assert not wrong, f"{len(wrong)} pages differ, e.g. {wrong[:3]}"
         for (tag, blk), page in got.items():
             seg, off = divmod(blk, SEGMENT)
-            p = rel_file(pg.pgdata, comm.RelTag(*tag))
-            p = p.with_name(f"{p.name}.{seg}") if seg else p
-            with open(p, "r+b") as f:
+            with open(relation_path(pg.pgdata, comm.RelTag(*tag), seg), "r+b") as f:
                 f.seek(off * BLCKSZ)
                 f.write(page)
         out = pg.run("pg_checksums", "--check", "-D", str(pg.pgdata))
         assert "Bad checksums:  0" in out.stdout, out.stdout
-        assert os.path.getsize(rel_file(pg.pgdata, next(iter(sizes)))) > 0
+        assert os.path.getsize(relation_path(pg.pgdata, next(iter(sizes)))) > 0
     finally:
         pg.cleanup()
 
