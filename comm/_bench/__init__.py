@@ -1,4 +1,5 @@
-"""``python -m comm bench``: the raw ceiling, the old design and pagecomm, side by side.
+"""``python -m comm bench``: the raw ceiling, the old design and pagecomm (backend threads
+or processes), side by side.
 
 Theory of operation
 -------------------
@@ -6,9 +7,11 @@ One run generates one synthetic store, then for each injected latency starts ONE
 LocalCluster (page servers as subprocesses) and measures every requested
 (design, workload, backends) cell against those same servers: (a) ``raw``, a
 pipelined pyzmq client with no communicator logic; (b) ``old``, one connection
-per backend per shard with a 128-deep readahead ring; (c) ``pagecomm``. Results
-go to a table on stdout, ``results.json`` and two PNG plots in ``--out``; the
-issue's targets are computed as ratios of cells of this one run.
+per backend per shard with a 128-deep readahead ring; (c) ``pagecomm`` with
+backend threads; (d) ``proc`` (opt-in): pagecomm as ``python -m comm serve`` with
+backend PROCESSES. Results go to a table on stdout, ``results.json`` and two PNG
+plots in ``--out``; the issue's targets and the process-vs-thread ratios are
+computed from cells of this one run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ._workloads import WORKLOADS, run_cell
 
 __all__ = ["add_cli", "main", "run_cli"]
 
-DESIGNS = ("raw", "old", "pagecomm")
+DESIGNS = ("raw", "old", "pagecomm", "proc")
+DEFAULT_DESIGNS = ["raw", "old", "pagecomm"]  # proc spawns a process per backend: opt-in
 
 
 def _ints(text: str) -> list[int]:
@@ -64,17 +68,23 @@ def _choices(allowed: tuple[str, ...]) -> Any:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backends", type=_ints, default=[1, 16, 64],
-                   help="backend thread counts (list, default 1,16,64)")
+    p.add_argument("--backends", type=_ints, default=None,
+                   help="backend counts (list, default 1,16,64)")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--threads-per-shard", type=int, default=1, help="pagecomm workers per shard")
     p.add_argument("--inflight", type=int, default=64,
                    help="in-flight window per connection (pagecomm and raw)")
-    p.add_argument("--latency-ms", type=_floats, default=[0.0, 0.5],
+    p.add_argument("--latency-ms", type=_floats, default=None,
                    help="injected server latencies (list, default 0,0.5)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per cell")
-    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS))
-    p.add_argument("--designs", type=_choices(DESIGNS), default=list(DESIGNS))
+    p.add_argument("--workloads", type=_choices(WORKLOADS), default=None,
+                   help=f"list (default {','.join(WORKLOADS)})")
+    p.add_argument("--designs", type=_choices(DESIGNS), default=None,
+                   help=f"list from {','.join(DESIGNS)} (default {','.join(DEFAULT_DESIGNS)}); "
+                   "proc = backend processes attached to one 'python -m comm serve'")
+    p.add_argument("--proc-vs-threads", action="store_true",
+                   help="process vs thread backends: defaults become --designs pagecomm,proc "
+                   "--workloads random,scan --backends 16 --latency-ms 0")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="JSON + PNG directory")
     p.add_argument("--quick", action="store_true",
                    help="tiny CI smoke run: 2 shards, 2 backends, 0.3 s cells, latency 0")
@@ -104,7 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(p.parse_args(argv))
 
 
+def _defaults(args: argparse.Namespace) -> None:
+    """Fill the list flags left unset (--proc-vs-threads has its own defaults)."""
+    pvt = args.proc_vs_threads
+    if args.designs is None:
+        args.designs = ["pagecomm", "proc"] if pvt else list(DEFAULT_DESIGNS)
+    if args.workloads is None:
+        args.workloads = ["random", "scan"] if pvt else list(WORKLOADS)
+    if args.backends is None:
+        args.backends = [16] if pvt else [1, 16, 64]
+    if args.latency_ms is None:
+        args.latency_ms = [0.0] if pvt else [0.0, 0.5]
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    _defaults(args)
     if args.quick:
         args.backends, args.shards, args.duration = [2], 2, min(args.duration, 0.3)
         args.latency_ms, args.pages_per_rel, args.rels = [0.0], 1024, 4
@@ -120,13 +144,18 @@ def run_cli(args: argparse.Namespace) -> int:
     print(_report.table(cells))
     print()
     print(_report.targets_table(ts))
+    pvt = _report.proc_vs_threads(cells)
+    if pvt["pairs"]:
+        print()
+        print(_report.proc_vs_threads_table(pvt))
     doc = {"command": "python -m comm bench " + shlex.join(sys.argv[2:] if
                                                             sys.argv[1:2] == ["bench"] else
                                                             sys.argv[1:]),
            "params": vars(params), "host": {"cpus": os.cpu_count(),
                                             "python": platform.python_version(),
                                             "platform": platform.platform()},
-           "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": cells, "targets": ts}
+           "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": cells, "targets": ts,
+           "proc_vs_threads": pvt}
     _report.write_json(args.out / "results.json", doc)
     files = [args.out / "results.json"]
     if not args.no_plots:
@@ -145,7 +174,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     for wl in args.workloads:
         if "raw" in args.designs and wl in ("random", "scan"):
             plan.append(("raw", wl, 0))
-        for d in ("old", "pagecomm"):
+        for d in ("old", "pagecomm", "proc"):
             if d in args.designs:
                 plan += [(d, wl, b) for b in args.backends]
     if "raw" in args.designs and "scan" not in args.workloads and "samescan" in args.workloads:

@@ -64,6 +64,7 @@ _PKG_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 _START_TIMEOUT = 120.0  # spawning many interpreters on a small box is slow
 _STOP_TIMEOUT = 30.0
 
+
 @dataclass(frozen=True)
 class _Spec:
     """What a backend process needs (picklable)."""
@@ -96,7 +97,7 @@ def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any
     ds = _ChildData(spec)
     rec = Recorder(ds, 1, spec.params.seed)  # type: ignore[arg-type]
     t = rec.tally(role)
-    failure = ""
+    failure, ready = "", False
     try:
         reader = PagecommBackend(types.SimpleNamespace(ds=ds, p=spec.params),  # type: ignore
                                  attach(spec.endpoint))
@@ -106,6 +107,7 @@ def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any
     try:
         reader.get_page(ds.rels[0], 0)  # warm-up: the ipc connection, the segment
         out.put(("ready", i, ""))
+        ready = True
         if not _wait_go(go, stop, ppid):
             return
         threading.Thread(target=_watch, args=(stop, rec.stop, ppid), daemon=True).start()
@@ -118,6 +120,9 @@ def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any
         t.errors += 1
     finally:
         reader.close()
+    if not ready:
+        out.put(("failed", i, failure))
+        return
     out.put(("done", i, {"role": role, "pages": t.pages, "calls": t.calls,
                          "lat": t.lat.tobytes(), "checked": t.checked, "wrong": t.wrong,
                          "errors": t.errors, "failure": failure}))
@@ -156,7 +161,7 @@ def proc_phase(roles: list[str], ds: Dataset, cluster: LocalCluster,
                cpu_split_s_per_1k_pages={k: round(v * per_k, 5)
                                          for k, v in raw["cpu_split"].items()},
                cpu_method=CPU_METHOD["proc"], copies_per_page=COPIES_PER_PAGE["proc"],
-               copy_path=COPY_PATH["proc"], attached=raw["stats"]["processes"]["attached"],
+               copy_path=COPY_PATH["proc"], attached=raw["attached"],
                failures=failures)
     return res
 
@@ -242,6 +247,7 @@ class _ProcCell:
             c.start()
             self.children.append(c)
         self._collect("ready", _START_TIMEOUT)
+        attached = self.ctl.comm_stats()["processes"]["attached"]  # all, before any leaves
         pids = [c.pid for c in self.children] + [self.serve.pid]
         cpu0, scpu0 = (own_cpu(), *(pid_cpu(x) for x in pids)), server_cpu(self.cluster)
         t0 = time.perf_counter()
@@ -262,7 +268,7 @@ class _ProcCell:
             if r["failure"]:
                 failures.append(r["failure"])
         raw = {"elapsed": elapsed, "cpu": sum(split.values()), "server_cpu": scpu1 - scpu0,
-               "cpu_split": split, "stats": stats}
+               "cpu_split": split, "stats": stats, "attached": attached}
         return raw, tallies, failures
 
     def _collect(self, what: str, timeout: float) -> list[Any]:

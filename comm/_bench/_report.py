@@ -1,4 +1,5 @@
-"""Bench output: the stdout table, the targets, results.json and the PNG plots."""
+"""Bench output: the stdout table, the targets, the process-vs-thread ratios,
+results.json and the PNG plots."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ._setup import COPIES_PER_PAGE, COPY_PATH, CPU_METHOD
 
 Cell = dict[str, Any]
 
@@ -141,6 +144,50 @@ def targets_table(ts: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def proc_vs_threads(cells: Sequence[Cell]) -> dict[str, Any]:
+    """proc / pagecomm ratios for every (latency, workload, backends) run with both."""
+    pairs = []
+    for pc in _find(cells, design="pagecomm"):
+        pr = _find(cells, design="proc", workload=pc["workload"], latency_ms=pc["latency_ms"],
+                   backends=pc["backends"])
+        if not pr:
+            continue
+
+        def ratio(key: str, a: Cell = pc, b: Cell = pr[0]) -> float | None:
+            x, y = a.get(key), b.get(key)
+            return round(y / x, 3) if x and y is not None else None
+
+        pairs.append({"latency_ms": pc["latency_ms"], "workload": pc["workload"],
+                      "backends": pc["backends"],
+                      "threads_pages_per_s": pc["pages_per_s"],
+                      "procs_pages_per_s": pr[0]["pages_per_s"],
+                      "pages_per_s": ratio("pages_per_s"), "p50": ratio("p50_ms"),
+                      "p99": ratio("p99_ms"), "cpu_per_page": ratio("cpu_s_per_1k_pages"),
+                      "threads_connections": pc["connections"],
+                      "procs_connections": pr[0]["connections"]})
+    return {"ratio": "proc / pagecomm (process backends / thread backends)",
+            "copies_per_page": {"processes": COPIES_PER_PAGE["proc"],
+                                "threads": COPIES_PER_PAGE["pagecomm"]},
+            "copy_path": {"processes": COPY_PATH["proc"], "threads": COPY_PATH["pagecomm"]},
+            "cpu_method": {"processes": CPU_METHOD["proc"], "threads": CPU_METHOD["pagecomm"]},
+            "pairs": pairs}
+
+
+def proc_vs_threads_table(pvt: dict[str, Any]) -> str:
+    lines = ["process vs thread backends (ratios proc / pagecomm, same run, same servers):"]
+    for r in pvt["pairs"]:
+        lines.append(f"  {r['workload']:>8}, {r['latency_ms']:g} ms, {r['backends']} backends: "
+                     f"{r['procs_pages_per_s']:,.0f} vs {r['threads_pages_per_s']:,.0f} pages/s "
+                     f"= {_f(r['pages_per_s'], 3)}x; p50 {_f(r['p50'], 2)}x, "
+                     f"p99 {_f(r['p99'], 2)}x, CPU/page {_f(r['cpu_per_page'], 2)}x; "
+                     f"connections {r['procs_connections']} vs {r['threads_connections']}")
+    c = pvt["copies_per_page"]
+    lines.append(f"  page copies per page read: processes {c['processes']} (ZeroMQ frame -> "
+                 f"bytes, -> shared-memory slot, -> backend's bytes), threads {c['threads']} "
+                 f"(the bytes from ZeroMQ handed over)")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
@@ -170,11 +217,11 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
     return written
 
 
-_COLORS = {"raw": "tab:gray", "old": "tab:red", "pagecomm": "tab:blue"}
+_COLORS = {"raw": "tab:gray", "old": "tab:red", "pagecomm": "tab:blue", "proc": "tab:green"}
 
 
 def _throughput(ax: Any, cells: Sequence[Cell], lat: float, wl: str) -> None:
-    for d in ("old", "pagecomm"):
+    for d in ("old", "pagecomm", "proc"):
         pts = sorted((c["backends"], c["pages_per_s"])
                      for c in _find(cells, design=d, workload=wl, latency_ms=lat))
         if pts:
@@ -194,7 +241,7 @@ def _throughput(ax: Any, cells: Sequence[Cell], lat: float, wl: str) -> None:
 
 def _cdf_plot(ax: Any, cells: Sequence[Cell], lat: float, wl: str) -> None:
     """Per-call latency CDF of each design at its largest backend count."""
-    for d in ("raw", "old", "pagecomm"):
+    for d in ("raw", "old", "pagecomm", "proc"):
         if d == "raw":
             found = _find(cells, design="raw", latency_ms=lat,
                           workload="random" if wl == "random" else "scan")

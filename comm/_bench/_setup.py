@@ -84,7 +84,9 @@ class Dataset:
         return shard_for(rel, blk, self.shards, self.stripe)
 
     def cluster(self, latency_ms: float) -> LocalCluster:
-        return LocalCluster(self.store, latency_ms=latency_ms).start()
+        """Page servers for this store, NOT started: ``with ds.cluster(lat) as c`` starts
+        them (starting here as well would start a second set and leak the first)."""
+        return LocalCluster(self.store, latency_ms=latency_ms)
 
 
 def pid_cpu(pid: int) -> float:

@@ -1,15 +1,18 @@
-"""Smoke test of ``python -m comm bench --quick``: real page servers, every design."""
+"""Smoke tests of ``python -m comm bench --quick``: real page servers, every design
+(backend threads), and the proc design (backend processes) against thread backends."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-from comm._bench import main  # noqa: E402
+from comm._bench import _configure, _defaults, main  # noqa: E402
 
 
 @pytest.mark.servers
@@ -40,3 +43,63 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert {t["target"] for t in doc["targets"]}
     for name in ("throughput_vs_backends.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def _children(pid: int, words: tuple[str, ...]) -> list[str]:
+    """Command lines of live children of ``pid`` that contain one of ``words``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and any(w in cmd for w in words):
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.servers
+@pytest.mark.timeout(60)
+def test_bench_proc_vs_threads_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Design proc: 2 backend processes attached to one `python -m comm serve`."""
+    out = tmp_path / "out"
+    assert main(["--quick", "--no-progress", "--no-plots", "--designs", "pagecomm,proc",
+                 "--workloads", "random,scan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "process vs thread backends" in text and "processes 3" in text
+    doc = json.loads((out / "results.json").read_text())
+    proc = [c for c in doc["cells"] if c["design"] == "proc"]
+    assert {c["workload"] for c in proc} == {"random", "scan"}
+    for c in proc:
+        assert c["backends"] == 2 and c["pages"] > 0 and c["verified"] > 0
+        assert c["wrong"] == 0 and c["errors"] == 0 and not c["failures"]
+        assert c["connections"] == 2  # the comm serve process: 2 shards x 1 thread
+        assert c["attached"] == 3  # 2 backends + the bench's control handle
+        assert c["copies_per_page"] == 3 and "cpu_method" in c
+        assert set(c["cpu_split_s_per_1k_pages"]) == {"bench", "backends", "comm_serve"}
+        assert c["cpu_split_s_per_1k_pages"]["backends"] > 0
+        assert c["cpu_s_per_1k_pages"] and c["p50_ms"] and c["p99_ms"]
+    assert [c["copies_per_page"] for c in doc["cells"] if c["design"] == "pagecomm"] == [1, 1]
+    pvt = doc["proc_vs_threads"]
+    assert {r["workload"] for r in pvt["pairs"]} == {"random", "scan"}
+    assert all(r["pages_per_s"] > 0 for r in pvt["pairs"])
+    assert pvt["copies_per_page"] == {"processes": 3, "threads": 1}
+    # every backend process and the comm serve process are gone (multiprocessing's
+    # resource tracker lives as long as this process: not ours to stop)
+    assert not _children(os.getpid(), ("comm serve", "multiprocessing.spawn"))
+
+
+def test_proc_vs_threads_defaults() -> None:
+    p = argparse.ArgumentParser()
+    _configure(p)
+    a = p.parse_args(["--proc-vs-threads"])
+    _defaults(a)
+    assert (a.designs, a.workloads, a.backends, a.latency_ms) == (
+        ["pagecomm", "proc"], ["random", "scan"], [16], [0.0])
+    a = p.parse_args(["--proc-vs-threads", "--backends", "4", "--workloads", "samescan"])
+    _defaults(a)
+    assert (a.designs, a.workloads, a.backends) == (["pagecomm", "proc"], ["samescan"], [4])
+    a = p.parse_args([])
+    _defaults(a)
+    assert "proc" not in a.designs and a.backends == [1, 16, 64]
