@@ -160,3 +160,15 @@ def test_close_leaves_no_threads_or_sockets(cluster, store):
     c.close()
     assert ctx.closed
     assert {t.name for t in threading.enumerate()} - before == set()
+
+
+def test_relsize_cache_against_real_servers(c, store):
+    rel = store[1]["rels"][0]
+    with c.backend() as be:
+        before = c.stats()["shards"][0]["completed"]
+        assert be.nblocks(rel, LSN2, not_modified_since=LSN1) == NBLOCKS
+        assert be.nblocks(rel, LSN2) == NBLOCKS            # overlaps: cached
+        assert be.exists(rel, LSN1 + 5, not_modified_since=LSN1)  # overlaps: cached
+        assert c.stats()["shards"][0]["completed"] == before + 1
+        assert be.nblocks(rel, LSN2 + 10, not_modified_since=LSN2 + 5) == NBLOCKS  # asks
+        assert c.stats()["shards"][0]["completed"] == before + 2

@@ -151,3 +151,20 @@ def test_attach_errors_are_typed(tmp_path: Path) -> None:
         comm.attach(f"ipc://{tmp_path}/nobody.ipc", timeout=0.3)
     with pytest.raises(comm.InvalidRequest):
         comm.attach("not an endpoint")
+
+
+def test_shard_map_update_through_the_control_message(cluster: LocalCluster,
+                                                       tmp_path: Path) -> None:
+    """The process form's control message: the same endpoints in another order is a
+    different map (shard i -> endpoint); a stripe size change is refused."""
+    cp = CommProcess(cluster, tmp_path / "m.ipc")
+    try:
+        with comm.attach(cp.endpoint) as be:
+            be.update_shards(cluster.endpoints, STRIPE)
+            assert be.comm_stats()["map_generation"] == 1
+            with pytest.raises(comm.InvalidRequest, match="stripe_size"):
+                be.update_shards(cluster.endpoints, STRIPE * 2)
+            rel = comm.RelTag(1663, 16384, 16384)
+            assert be.get_pages(rel, range(40), LSN) == synth_pages(rel, range(40), LSN)
+    finally:
+        cp.stop()
