@@ -96,6 +96,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-pages", type=int, default=0,
                    help="pagecomm prefetch buffer (default: backends x (distance + batch), "
                    "at least 4096)")
+    p.add_argument("--chaos", type=float, metavar="SECONDS", default=None,
+                   help="instead of the benchmark: a chaos soak of this many seconds (kill -9, "
+                   "restart, freeze page servers under --backends readers; counts every outcome)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -128,6 +131,8 @@ def _defaults(args: argparse.Namespace) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.chaos is not None:
+        return _chaos_cli(args)
     _defaults(args)
     if args.quick:
         args.backends, args.shards, args.duration = [2], 2, min(args.duration, 0.3)
@@ -166,6 +171,25 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"bench: {bad} pages did not match their expected bytes", file=sys.stderr)
         return 1
     return 0
+
+
+def _chaos_cli(args: argparse.Namespace) -> int:
+    from ._chaos import run_chaos
+
+    root = Path(tempfile.mkdtemp(prefix="pagecomm-chaos-"))
+    try:
+        r = run_chaos(root, shards=args.shards, backends=(args.backends or [32])[0],
+                      seconds=args.chaos)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    calls = r["calls"]
+    print("chaos soak: " + ", ".join(f"{k}={v}" for k, v in sorted(calls.items())))
+    print(f"faults injected: {r['faults']}; retries {r['retries']}, resets {r['resets']}, "
+          f"reconnects {r['reconnects']}; slots in use at the end {r['slots_in_use']}")
+    bad = calls.get("WRONG", 0) + calls.get("HUNG", 0) + sum(
+        v for k, v in calls.items() if k.startswith("UNTYPED"))
+    print(f"wrong pages = {calls.get('WRONG', 0)}, hung calls = {calls.get('HUNG', 0)}")
+    return 1 if bad or r["threads_left"] else 0
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
