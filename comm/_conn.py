@@ -20,8 +20,7 @@ from shards._curve import secure_client
 
 log = logging.getLogger(__name__)
 
-_AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0) | getattr(
-    zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0)
+_AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)  # the server refused our key
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _AUTH_FAILED
 RECONNECT_MIN_MS = 1
 RECONNECT_MAX_MS = 1000
@@ -60,7 +59,7 @@ class Connection:
         while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
             out.append(ev)
-            if ev & _AUTH_FAILED:
+            if ev & _AUTH_FAILED and self.curve is not None:
                 if not self.auth_failed:
                     log.error("%s: %s refused our CURVE key (handshake failed); requests "
                               "will time out", self.name, self.endpoint)
