@@ -56,7 +56,7 @@ class Connection:
     def events(self) -> list[int]:
         """Drain the monitor; returns the events seen (zmq.EVENT_*), logging each change."""
         out = []
-        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(self.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
             out.append(ev)
             if ev & _AUTH_FAILED and self.curve is not None:

@@ -100,7 +100,7 @@ class OldBackend:
             if r.status != Status.OK:
                 raise RuntimeError(f"old design: shard {shard} answered {r.status.name}: "
                                    f"{r.reason}")
-            got[r.id] = r.pages[0]
+            got[r.id] = r.pages[0]  # type: ignore[union-attr]
         return got.pop(rid)
 
     def get_page(self, rel: RelTag, blk: int) -> bytes:

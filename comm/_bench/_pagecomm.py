@@ -13,7 +13,7 @@ from typing import Any
 
 from shards import RelTag
 
-from .. import Backend, CommConfig, Communicator
+from .. import Backend, CommConfig, Communicator, ProcBackend
 from ._setup import Dataset, Params
 
 
@@ -57,7 +57,7 @@ class PagecommDesign:
 class PagecommBackend:
     """One backend thread's handle and scan position (owner thread only)."""
 
-    def __init__(self, design: PagecommDesign, be: Backend) -> None:
+    def __init__(self, design: PagecommDesign, be: Backend | ProcBackend) -> None:
         self.be = be
         self.lsn = design.ds.lsn
         self.nblocks = design.ds.nblocks

@@ -239,7 +239,9 @@ class _ProcCell:
     def run(self, roles: list[str]) -> tuple[dict[str, Any], list[Tally], list[str]]:
         """Start the children, time the window, collect their tallies."""
         assert self.serve is not None
-        spec = _Spec(self.endpoint, tuple(tuple(r) for r in self.ds.rels), self.ds.lsn,
+        rels: tuple[tuple[int, int, int, int], ...] = tuple(
+            (r.spc, r.db, r.rel, r.fork) for r in self.ds.rels)
+        spec = _Spec(self.endpoint, rels, self.ds.lsn,
                      self.ds.nblocks, self.p)
         for i, role in enumerate(roles):
             c = self.mp.Process(target=backend_process, name=f"bench-proc-{i}", daemon=True,

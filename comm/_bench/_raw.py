@@ -94,6 +94,6 @@ def _loop(rec: Recorder, t: Any, poller: zmq.Poller, index: dict[zmq.Socket, int
                 if r.status != Status.OK:
                     t.errors += 1
                 else:
-                    for j, page in enumerate(r.pages):
+                    for j, page in enumerate(r.pages):  # type: ignore[union-attr]
                         rec.check(t, rel, start + j, page)
                 send(index[sock])
