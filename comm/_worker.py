@@ -39,6 +39,7 @@ import zmq
 from sortedcontainers import SortedList
 
 from shards import ShardsError, verify_page_checksum
+from shards._protocol import decode_get_pages_reply_fast
 from shards.protocol import (
     DbSizeRequest,
     Kind,
@@ -63,6 +64,8 @@ _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
 _RETRY_CAP = 0.5
 _NORMAL = 0  # RequestClass.NORMAL
+_GET_PAGES = int(Kind.GET_PAGES)
+_POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = zmq.POLLIN, zmq.NOBLOCK, zmq.EVENTS, zmq.RCVMORE
 
 
 class WorkerStats:
@@ -263,11 +266,29 @@ class ShardWorker:
     def _drain_replies(self) -> None:
         conn = self._conn
         generation = conn.generation
+        dealer = conn.dealer
+        # recv_multipart inlined with bound methods (get() does not drop the GIL);
         # ask EVENTS instead of catching zmq.Again: an exception per drain costs more
-        while conn.generation == generation and conn.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._on_reply(conn.dealer.recv_multipart(zmq.NOBLOCK))
+        recv, get, on_reply = dealer.recv, dealer.get, self._on_reply
+        while conn.generation == generation and get(_EVENTS) & _POLLIN:
+            frames = [recv(_NOBLOCK)]
+            while get(_RCVMORE):
+                frames.append(recv(_NOBLOCK))
+            on_reply(frames)
 
     def _on_reply(self, frames: list[bytes]) -> None:
+        fast = decode_get_pages_reply_fast(frames)
+        if fast is not None:  # the common case: an OK GetPages reply, checked field by field
+            rid, attempt, lsn, nms, rel, blocks, pages = fast
+            entry = self._inflight.get(rid)
+            if entry is not None:
+                job = entry[0]
+                if (job.kind == _GET_PAGES and attempt == job.attempt and lsn == job.lsn
+                        and nms == job.nms and blocks == job.blocks and rel == job.rel):
+                    del self._inflight[rid]
+                    self._complete_ok(job, pages)
+                    return
+        # everything else (errors, other kinds, stale or mismatched replies, garbage)
         try:
             rep = decode_reply(frames)
         except ProtocolError as e:
@@ -286,16 +307,15 @@ class ShardWorker:
             self._reset(f"reply does not match its request: {why}")
             return
         if rep.status == Status.OK:
-            self._complete_ok(job, rep)
+            self._complete_ok(job, result_of(rep))
         elif rep.status == Status.SLOW_DOWN and self._retry(job):
             return
         else:
             self.stats.errors += 1
             job.fail(error_for(job, rep))
 
-    def _complete_ok(self, job: Any, rep: Any) -> None:
-        result = result_of(rep)
-        if self.verify and job.kind == Kind.GET_PAGES:
+    def _complete_ok(self, job: Any, result: Any) -> None:
+        if self.verify and job.kind == _GET_PAGES:
             for blk, page in zip(job.blocks, result, strict=True):
                 if not verify_page_checksum(page, blk):
                     self.stats.bad_replies += 1

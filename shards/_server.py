@@ -57,12 +57,14 @@ from ._protocol import (
     RelSizeRequest,
     Reply,
     Request,
+    RequestClass,
     SlruKind,
     SlruSegmentReply,
     Status,
     decode_request,
     encode_reply,
     error_reply,
+    ok_get_pages_reply_head,
     peek_request_id,
 )
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
@@ -75,6 +77,10 @@ _IDLE_POLL_S = 0.05      # how often an idle loop looks at the stop flag
 _PARK_RECHECK_S = 0.005  # how often parked requests re-read the store's last_lsn
 _HWM = 10_000
 _ZERO_PAGE = bytes(BLCKSZ)
+# counter keys, built once: an f-string and an enum .name per request add up
+_REQUEST_KEYS = {k: f"requests.{k.name}" for k in Kind}
+_CLASS_KEYS = {c: f"classes.{c.name}" for c in RequestClass}
+_NOBLOCK, _SNDMORE = zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE
 
 
 @dataclass
@@ -100,6 +106,7 @@ class _Pending:
     req: Request
     arrival: float
     seq: int
+    frame: bytes  # the request as received: an OK GetPages reply echoes its rel and blocks
 
 
 class PageServer:
@@ -311,9 +318,9 @@ class PageServer:
                 self._malformed(sock, envelope, body, str(e), counts)
                 continue
             self._seq += 1
-            counts[f"requests.{req.kind.name}"] += 1
-            counts[f"classes.{req.cls.name}"] += 1
-            batch.append(_Pending(envelope, req, now, self._seq))
+            counts[_REQUEST_KEYS[req.kind]] += 1
+            counts[_CLASS_KEYS[req.cls]] += 1
+            batch.append(_Pending(envelope, req, now, self._seq, body[0]))
         return batch
 
     def _malformed(self, sock: zmq.Socket, envelope: list[bytes], body: list[bytes],
@@ -352,6 +359,11 @@ class PageServer:
                                             f"{self.lsn_wait:g}s")
                     else:
                         reply = self._answer(r, p.req)
+                        if type(reply) is list:  # the pages of an OK GetPages reply
+                            if self.faults is None and self._emit_pages(sock, p, reply, now,
+                                                                        counts):
+                                continue
+                            reply = _ok_reply(p.req, reply)
                     self._emit(sock, r, p, reply, now, counts)
         except StoreError as e:  # the store itself failed: fail the rest, keep serving
             log.error("page store failed: %s", e)
@@ -361,7 +373,8 @@ class PageServer:
                 self._emit(sock, None, p, error_reply(p.req, Status.INTERNAL_ERROR,
                                                       f"page store failed: {e}"), now, counts)
 
-    def _answer(self, r: StoreReader, req: Request) -> Reply:
+    def _answer(self, r: StoreReader, req: Request) -> Reply | list[bytes]:
+        """The reply to ``req``; for an OK GetPages just its pages (see _emit_pages)."""
         try:
             if isinstance(req, GetPagesRequest):
                 return self._get_pages(r, req)
@@ -396,7 +409,7 @@ class PageServer:
             log.exception("serving %r failed", req)
             return error_reply(req, Status.INTERNAL_ERROR, f"server error: {e}")
 
-    def _get_pages(self, r: StoreReader, req: GetPagesRequest) -> Reply:
+    def _get_pages(self, r: StoreReader, req: GetPagesRequest) -> Reply | list[bytes]:
         rel, blocks, lsn = req.rel, req.blocks, req.lsn
         if self.shard_count > 1:
             checked: set[int] = set()
@@ -423,10 +436,21 @@ class PageServer:
             if page is None:
                 return error_reply(req, Status.NOT_FOUND,
                                    f"no version of block {b} of {rel} at or below LSN {lsn}")
-        return GetPagesReply(req.id, req.attempt, Status.OK, lsn, req.nms, rel, blocks,
-                             tuple(pages))  # type: ignore[arg-type]
+        return pages  # type: ignore[return-value]
 
     # ------------------------------------------------------------ replies
+
+    def _emit_pages(self, sock: zmq.Socket, p: _Pending, pages: list[bytes], now: float,
+                    counts: Counter[str]) -> bool:
+        """The hot path: an OK GetPages reply, its header made from the request frame
+        (the bytes encode_reply would produce), no reply object. False if a page is
+        not a whole bytes page: the caller then takes the general, checking path."""
+        for page in pages:
+            if type(page) is not bytes or len(page) != BLCKSZ:
+                return False
+        counts["pages_served"] += len(pages)
+        self._schedule(sock, p, [ok_get_pages_reply_head(p.frame), *pages], now, counts)
+        return True
 
     def _emit(self, sock: zmq.Socket, r: StoreReader | None, p: _Pending, reply: Reply,
               now: float, counts: Counter[str]) -> None:
@@ -468,8 +492,11 @@ class PageServer:
 
     def _send(self, sock: zmq.Socket, envelope: list[bytes], frames: list[bytes],
               counts: Counter[str]) -> None:
-        try:
-            sock.send_multipart(envelope + frames, zmq.NOBLOCK)
+        msg = envelope + frames
+        last = len(msg) - 1
+        try:  # send_multipart without its per-frame type checks and wrappers
+            for i, frame in enumerate(msg):
+                sock.send(frame, _SNDMORE if i < last else _NOBLOCK)
         except zmq.ZMQError as e:  # peer gone or its queue full: the client will time out
             counts["send_errors"] += 1
             log.debug("reply not sent: %s", e)
@@ -506,6 +533,12 @@ class PageServer:
             pages[i] = bytes(buf)
         return GetPagesReply(reply.id, reply.attempt, reply.status, reply.lsn, reply.nms,
                              reply.rel, tuple(blocks), tuple(pages))
+
+
+def _ok_reply(req: Request, pages: list[bytes]) -> GetPagesReply:
+    assert isinstance(req, GetPagesRequest)
+    return GetPagesReply(req.id, req.attempt, Status.OK, req.lsn, req.nms, req.rel, req.blocks,
+                         tuple(pages))
 
 
 def _malformed_reply(head: bytes, ids: tuple[int, int], reason: str) -> Reply:

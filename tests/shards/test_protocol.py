@@ -30,12 +30,14 @@ from shards._protocol import (
     SlruSegmentReply,
     SlruSegmentRequest,
     Status,
+    decode_get_pages_reply_fast,
     decode_reply,
     decode_request,
     encode_get_pages,
     encode_reply,
     encode_request,
     error_reply,
+    ok_get_pages_reply_head,
     peek_request_id,
 )
 from shards._types import BLCKSZ, RelTag
@@ -466,3 +468,97 @@ def test_encode_get_pages_rejects():
         args = dict(id=1, attempt=0, cls=0, lsn=10, nms=5, rel=REL_A, blocks=[1]) | bad
         with pytest.raises(ProtocolError):
             encode_get_pages(**args)
+
+
+# ------------------------------------------------------------------ (e) hot-path helpers
+# decode_get_pages_reply_fast and ok_get_pages_reply_head must agree with the general
+# functions byte for byte: the fast path may only ever say "not mine" (None).
+
+
+def fast_agrees(frames):
+    """The fast decoder accepts exactly the well-formed OK GetPages replies made of bytes
+    frames, with decode_reply's values; anything else (malformed included) is None."""
+    fast = decode_get_pages_reply_fast(frames)
+    try:
+        rep = decode_reply(frames)
+    except ProtocolError:
+        assert fast is None
+        return
+    if (isinstance(rep, GetPagesReply) and rep.status == Status.OK
+            and all(type(f) is bytes for f in frames)):
+        assert fast == (rep.id, rep.attempt, rep.lsn, rep.nms, tuple(rep.rel), rep.blocks,
+                        rep.pages)
+        assert fast[4] == rep.rel
+    else:
+        assert fast is None
+
+
+@st.composite
+def ok_get_pages_replies(draw):
+    lsn, nms = draw(lsns())
+    blocks = draw(blocknos)
+    return GetPagesReply(draw(u64), draw(u32), Status.OK, lsn, nms, draw(rels), blocks,
+                         tuple(draw(page) for _ in blocks))
+
+
+@FAST
+@given(st.one_of(ok_get_pages_replies(), replies()))
+def test_fast_decode_agrees_on_valid_replies(msg):
+    frames = encode_reply(msg)
+    fast_agrees(frames)
+    fast_agrees(tuple(frames))
+    fast_agrees([bytearray(f) for f in frames])  # not bytes: left to decode_reply
+    if isinstance(msg, GetPagesReply) and msg.status == Status.OK:
+        assert decode_get_pages_reply_fast(frames) is not None
+
+
+@st.composite
+def mutated_get_pages(draw):
+    frames = encode_reply(draw(ok_get_pages_replies()))
+    op = draw(st.sampled_from(["set", "truncate", "extend", "drop", "add", "replace"]))
+    i = draw(st.integers(0, len(frames) - 1))
+    if op == "set":  # any header byte, including status, flags, rel, count and blocks
+        f = bytearray(frames[0])
+        for _ in range(draw(st.integers(1, 3))):
+            f[draw(st.integers(0, len(f) - 1))] = draw(st.integers(0, 255))
+        frames[0] = bytes(f)
+    elif op == "truncate":
+        frames[i] = frames[i][:draw(st.integers(0, max(0, len(frames[i]) - 1)))]
+    elif op == "extend":
+        frames[i] += draw(st.binary(min_size=1, max_size=8))
+    elif op == "drop" and len(frames) > 1:
+        del frames[i]
+    elif op == "add":
+        frames.insert(draw(st.integers(0, len(frames))), draw(junk_frame))
+    elif op == "replace":
+        frames[i] = draw(junk_frame)
+    return frames
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutated_get_pages())
+def test_fast_decode_agrees_on_mutated_get_pages_replies(frames):
+    fast_agrees(frames)
+
+
+@FAST
+@given(st.one_of(mutated(), st.lists(junk_frame, max_size=40)))
+def test_fast_decode_agrees_on_junk(frames):
+    fast_agrees(frames)
+
+
+@pytest.mark.parametrize("obj", [None, 5, b"\x01\x81", "text", {0: b"x"}, [], ()])
+def test_fast_decode_rejects_non_frame_lists(obj):
+    assert decode_get_pages_reply_fast(obj) is None
+
+
+@FAST
+@given(st.builds(GetPagesRequest, u64, u32, st.sampled_from(RequestClass), st.just(0),
+                 st.just(0), rels, blocknos), st.data())
+def test_ok_get_pages_reply_head_matches_encode_reply(req, data):
+    lsn, nms = data.draw(lsns())
+    req = GetPagesRequest(req.id, req.attempt, req.cls, lsn, nms, req.rel, req.blocks)
+    pages = tuple(data.draw(page) for _ in req.blocks)
+    head = ok_get_pages_reply_head(encode_request(req)[0])
+    reply = GetPagesReply(req.id, req.attempt, Status.OK, lsn, nms, req.rel, req.blocks, pages)
+    assert [head, *pages] == encode_reply(reply)
