@@ -75,8 +75,9 @@ class WorkerStats:
                  "stale_replies", "bad_replies", "resets", "pages")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.queued = self.inflight = self.sent = self.completed = self.errors = 0
+        self.timeouts = self.retries = self.stale_replies = self.bad_replies = 0
+        self.resets = self.pages = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -162,7 +163,7 @@ class ShardWorker:
             self.idle = not self._inflight
             if inbox:  # arrived after the last take: don't sleep
                 timeout = 0
-            for sock, _ in poller.poll(timeout):
+            for sock, _ in poller.poll(None if timeout is None else int(timeout)):
                 if sock is pull:
                     self._drain_pipe(pull)
                 elif sock is conn.dealer:
@@ -190,7 +191,7 @@ class ShardWorker:
 
     # ------------------------------------------------------------ intake
     def _drain_pipe(self, pull: zmq.Socket) -> None:
-        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # doorbells: the jobs are in the inbox
+        while int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # doorbells: the jobs are in the inbox
             if pull.recv(zmq.NOBLOCK) == STOP:
                 self._stopping = True
                 return
@@ -270,7 +271,7 @@ class ShardWorker:
         # recv_multipart inlined with bound methods (get() does not drop the GIL);
         # ask EVENTS instead of catching zmq.Again: an exception per drain costs more
         recv, get, on_reply = dealer.recv, dealer.get, self._on_reply
-        while conn.generation == generation and get(_EVENTS) & _POLLIN:
+        while conn.generation == generation and int(get(_EVENTS)) & _POLLIN:
             frames = [recv(_NOBLOCK)]
             while get(_RCVMORE):
                 frames.append(recv(_NOBLOCK))

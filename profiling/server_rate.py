@@ -31,8 +31,8 @@ from shards._types import BLCKSZ, RelTag  # noqa: E402
 REL = RelTag(1663, 5, 4242)
 LSN = 1000
 # the serve sub-command alone, so this runs whatever state the other sub-commands are in
-_SERVE = ("import argparse, sys; from shards import _server; p = argparse.ArgumentParser(); "
-          "_server.add_cli(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); "
+_SERVE = ("import argparse, sys; from shards import _serve_cli; p = argparse.ArgumentParser(); "
+          "_serve_cli.add_cli(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); "
           "sys.exit(a.func(a))")
 
 

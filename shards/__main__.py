@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import _curve, _pgimport, _server, _synth
+from . import _curve, _pgimport, _serve_cli, _synth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pgimport.add_cli(sub)
     _synth.add_cli(sub)
-    _server.add_cli(sub)
+    _serve_cli.add_cli(sub)
     _curve.add_cli(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

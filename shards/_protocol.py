@@ -21,6 +21,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, TypeVar
 
 from ._errors import ProtocolError
 from ._types import BLCKSZ, MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, MAX_FORKNUM, RelTag
@@ -235,7 +236,7 @@ def encode_get_pages(id: int, attempt: int, cls: int, lsn: int, nms: int, rel: R
         # One combined test keeps the valid path cheap; the slow checks name the culprit.
         if (not 1 <= n <= MAX_BLOCKS_PER_REQUEST or cls not in _CLASSES or nms > lsn
                 or rel.fork > MAX_FORKNUM or _INVALID_BLOCKNO in blocks):
-            _blocks_body(blocks)
+            _blocks_body(tuple(blocks))
             _checked_member(cls, _CLASSES, "request class")
             _rel_body(rel, n)
             raise ProtocolError(f"not_modified_since {nms} is above request_lsn {lsn}")
@@ -333,22 +334,24 @@ def error_reply(req: Request, status: Status, reason: str) -> Reply:
         raise ProtocolError("error_reply needs a status other than OK")
     common = (req.id, req.attempt, status, req.lsn, req.nms)
     if isinstance(req, GetPagesRequest):
-        return GetPagesReply(*common, rel=req.rel, blocks=req.blocks, reason=reason)
+        return GetPagesReply(*_five(common), rel=req.rel, blocks=req.blocks, reason=reason)
     if isinstance(req, RelSizeRequest):
         return RelSizeReply(*common, rel=req.rel, reason=reason)
     if isinstance(req, DbSizeRequest):
         return DbSizeReply(*common, db=req.db, reason=reason)
-    return SlruSegmentReply(*common, slru_kind=req.slru_kind, segno=req.segno, reason=reason)
+    return SlruSegmentReply(*_five(common), slru_kind=req.slru_kind, segno=req.segno, reason=reason)
 
 
 # ---------------------------------------------------------------- decoding
 
 # int -> member: a dict lookup is several times cheaper than an IntEnum call
+_E = TypeVar("_E", bound=IntEnum)
 _MEMBERS: dict[type[IntEnum], dict[int, IntEnum]] = {
     e: {int(m): m for m in e} for e in (Kind, RequestClass, Status, SlruKind)}
 
 
-def _enum(enum: type[IntEnum], value: int, what: str) -> IntEnum:
+def _enum(enum: type[_E], value: int, what: str) -> Any:
+    """The member of ``enum`` for ``value`` (typed Any: callers know which enum)."""
     member = _MEMBERS[enum].get(value)
     if member is None:
         raise ProtocolError(f"unknown {what} {value}")
@@ -504,22 +507,30 @@ def decode_reply(frames: Sequence[bytes]) -> Reply:
         raise ProtocolError(f"truncated {kind.name} reply: {e}") from None
 
 
-def _decode_get_pages_reply(frames: Sequence[bytes], head: memoryview, common: tuple) -> Reply:
+def _five(common: tuple[Any, ...]) -> tuple[int, int, Status, int, int]:
+    """The five common reply fields (id, attempt, status, lsn, nms), typed."""
+    rid, attempt, status, lsn, nms = common
+    return rid, attempt, status, lsn, nms
+
+
+def _decode_get_pages_reply(frames: Sequence[bytes], head: memoryview,
+                            common: tuple[Any, ...]) -> Reply:
     rel, n = _rel(head, _PREFIX_LEN)
     blocks = _blocks(head, _PREFIX_LEN + _REL.size, n)
     status = common[2]
     if status != Status.OK:
-        return GetPagesReply(*common, rel, blocks, (), _reason(frames, status, 1))
+        return GetPagesReply(*_five(common), rel, blocks, (), _reason(frames, status, 1))
     if len(frames) != 1 + n:
         raise ProtocolError(f"GetPages reply has {len(frames) - 1} page frames for {n} blocks")
     pages = tuple(frames[1:])
     for p in pages:
         if (len(p) if type(p) is bytes else _nbytes(p, "page frame")) != BLCKSZ:
             raise ProtocolError(f"page frame of {_nbytes(p, 'page')} bytes, expected {BLCKSZ}")
-    return GetPagesReply(*common, rel, blocks, pages, "")
+    return GetPagesReply(*_five(common), rel, blocks, pages, "")
 
 
-def _decode_slru_reply(frames: Sequence[bytes], head: memoryview, common: tuple) -> Reply:
+def _decode_slru_reply(frames: Sequence[bytes], head: memoryview,
+                       common: tuple[Any, ...]) -> Reply:
     _exact(head, _PREFIX_LEN + _SLRU.size, "SlruSegment reply")
     sk, segno = _SLRU.unpack_from(head, _PREFIX_LEN)
     if head[_PREFIX_LEN + 1: _PREFIX_LEN + 4] != b"\0\0\0":
@@ -527,7 +538,7 @@ def _decode_slru_reply(frames: Sequence[bytes], head: memoryview, common: tuple)
     sk = _enum(SlruKind, sk, "SLRU kind")
     status = common[2]
     if status != Status.OK:
-        return SlruSegmentReply(*common, sk, segno, b"", _reason(frames, status, 1))
+        return SlruSegmentReply(*_five(common), sk, segno, b"", _reason(frames, status, 1))
     if len(frames) != 2:
         raise ProtocolError(f"an OK SlruSegment reply has 2 frames, got {len(frames)}")
     seg = frames[1]
@@ -535,7 +546,7 @@ def _decode_slru_reply(frames: Sequence[bytes], head: memoryview, common: tuple)
     if nseg > MAX_SLRU_SEGMENT_BYTES or nseg % BLCKSZ:
         raise ProtocolError(f"SLRU segment of {nseg} bytes is not whole pages "
                             f"up to {MAX_SLRU_SEGMENT_BYTES}")
-    return SlruSegmentReply(*common, sk, segno, bytes(seg), "")
+    return SlruSegmentReply(*_five(common), sk, segno, bytes(seg), "")
 
 
 _GET_PAGES_REPLY = int(Kind.GET_PAGES) | REPLY_FLAG

@@ -26,14 +26,10 @@ drops, corrupt pages, wrong blocks, forced statuses and garbage frames for tests
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import logging
-import os
 import random
-import signal
 import struct
-import sys
 import threading
 import time
 from collections import Counter
@@ -289,7 +285,7 @@ class PageServer:
             if self._delayed:
                 timeout = max(0.0, min(timeout, self._delayed[0][0] - time.monotonic()))
             batch: list[_Pending] = []
-            if poller.poll(timeout * 1000):
+            if poller.poll(int(timeout * 1000)):
                 batch = self._drain(sock, counts)
             now = time.monotonic()
             if batch or self._parked:
@@ -353,7 +349,7 @@ class PageServer:
                         if now - p.arrival < self.lsn_wait:
                             self._parked.append(p)
                             continue
-                        reply = error_reply(p.req, Status.INTERNAL_ERROR,
+                        reply: Reply | list[bytes] = error_reply(p.req, Status.INTERNAL_ERROR,
                                             f"store at LSN {last} has not reached "
                                             f"not_modified_since {p.req.nms} after waiting "
                                             f"{self.lsn_wait:g}s")
@@ -364,6 +360,7 @@ class PageServer:
                                                                         counts):
                                 continue
                             reply = _ok_reply(p.req, reply)
+                    assert not isinstance(reply, list)
                     self._emit(sock, r, p, reply, now, counts)
         except StoreError as e:  # the store itself failed: fail the rest, keep serving
             log.error("page store failed: %s", e)
@@ -561,65 +558,3 @@ def _malformed_reply(head: bytes, ids: tuple[int, int], reason: str) -> Reply:
     if kind == Kind.SLRU_SEGMENT:
         return SlruSegmentReply(*common, slru_kind=SlruKind.CLOG, segno=0, reason=reason)
     return GetPagesReply(*common, rel=nil, blocks=(0,), reason=reason)
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve one shard of a page store")
-    p.add_argument("--store", required=True, help="sharded store directory (with layout.json)")
-    p.add_argument("--shard", type=int, required=True, help="which shard to serve")
-    p.add_argument("--shard-count", type=int, help="must match layout.json (default: from it)")
-    p.add_argument("--stripe-size", type=int, help="must match layout.json (default: from it)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:0", help="ZeroMQ endpoint to bind")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="injected reply latency")
-    p.add_argument("--lsn-wait", type=float, default=1.0,
-                   help="seconds to wait for the store to reach not_modified_since")
-    p.add_argument("--max-queue", type=int, default=4096, help="SLOW_DOWN beyond this")
-    p.add_argument("--metrics-port", type=int,
-                   help="serve Prometheus metrics on this HTTP port (0: any free port)")
-    p.add_argument("--metrics-addr", default="127.0.0.1",
-                   help="address for --metrics-port (0.0.0.0 to let other hosts scrape)")
-    p.add_argument("--curve-secret", default=os.environ.get("SHARDS_CURVE_SECRET"),
-                   help="this server's CURVE .key_secret file (env SHARDS_CURVE_SECRET)")
-    p.add_argument("--curve-clients", default=os.environ.get("SHARDS_CURVE_CLIENTS"),
-                   help="directory of accepted clients' .key files (env SHARDS_CURVE_CLIENTS)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --bind without CURVE (plaintext, a warning)")
-    p.set_defaults(func=_serve_cli)
-
-
-def _serve_cli(args: argparse.Namespace) -> int:
-    from ._store import open_shard_store, read_layout
-
-    try:
-        layout = read_layout(args.store)
-        for opt, key in (("shard_count", "shard_count"), ("stripe_size", "stripe_size")):
-            given = getattr(args, opt)
-            if given is not None and given != layout[key]:
-                raise ShardsError(f"--{opt.replace('_', '-')} {given} does not match "
-                                  f"{key}={layout[key]} in {args.store}/layout.json")
-        store = open_shard_store(args.store, args.shard, readonly=True)
-    except (ShardsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        with store, PageServer(store, args.shard, layout["shard_count"], layout["stripe_size"],
-                               args.bind, latency=args.latency_ms / 1000.0,
-                               lsn_wait=args.lsn_wait, max_queue=args.max_queue,
-                               metrics_port=args.metrics_port,
-                               metrics_addr=args.metrics_addr,
-                               curve_secret=args.curve_secret,
-                               curve_clients=args.curve_clients,
-                               insecure=args.insecure) as srv:
-            print(f"READY {srv.endpoint}", flush=True)
-            while not stop.wait(0.5):
-                pass
-            log.info("stopping: %s", srv.stats())
-    except (ShardsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
