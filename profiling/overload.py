@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-queue", type=int, default=32)
     ap.add_argument("--latency-ms", type=float, default=1.0)
+    ap.add_argument("--prefetch", type=float, default=0.3,
+                    help="share of calls that also prefetch (0: every read hits a server)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pagecomm-overload-"))
     desc = generate_store(work / "store", 2, 64, rels=2, nblocks=2048)
@@ -50,7 +52,7 @@ def main() -> None:
                 while not stop.is_set():
                     rel = rnd.choice(desc["rels"])
                     try:
-                        if rnd.random() < 0.3:
+                        if rnd.random() < args.prefetch:
                             be.prefetch(rel, range(b := rnd.randrange(2000), b + 32), lsn)
                         be.get_page(rel, rnd.randrange(2048), lsn)
                         local["ok"] += 1
