@@ -3,11 +3,9 @@ HTTP of a Communicator reading from an in-process page server."""
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from promtext import scrape, value
 
 import comm
 import shards
@@ -22,21 +20,6 @@ from shards.protocol import Kind, RequestClass
 
 pytestmark = pytest.mark.timeout(30)
 GET, NORMAL, PREFETCH = int(Kind.GET_PAGES), int(RequestClass.NORMAL), int(RequestClass.PREFETCH)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.status == 200
-        return r.read().decode()
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """The sample ``name{labels...}`` (labels may be a subset) from exposition text."""
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(2))
-    raise AssertionError(f"{name}{labels} not in scrape")
 
 
 def test_latency_recorder_buckets_and_snapshot():
