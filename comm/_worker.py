@@ -39,7 +39,7 @@ import zmq
 from sortedcontainers import SortedList
 
 from shards import ShardsError, verify_page_checksum
-from shards._protocol import decode_get_pages_reply_fast
+from shards._fastpath import decode_get_pages_reply_fast
 from shards.protocol import (
     DbSizeRequest,
     Kind,

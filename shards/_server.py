@@ -40,6 +40,7 @@ import zmq
 
 from ._curve import check_exposure, secure_server
 from ._errors import ProtocolError, ShardsError, StoreError
+from ._fastpath import ok_get_pages_reply_head
 from ._protocol import (
     _PREFIX,
     MAX_MESSAGE_BYTES,
@@ -60,7 +61,6 @@ from ._protocol import (
     decode_request,
     encode_reply,
     error_reply,
-    ok_get_pages_reply_head,
     peek_request_id,
 )
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for

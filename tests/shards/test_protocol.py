@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shards._errors import ProtocolError
+from shards._fastpath import decode_get_pages_reply_fast, ok_get_pages_reply_head
 from shards._protocol import (
     MAX_MESSAGE_BYTES,
     MAX_REASON_BYTES,
@@ -30,14 +31,12 @@ from shards._protocol import (
     SlruSegmentReply,
     SlruSegmentRequest,
     Status,
-    decode_get_pages_reply_fast,
     decode_reply,
     decode_request,
     encode_get_pages,
     encode_reply,
     encode_request,
     error_reply,
-    ok_get_pages_reply_head,
     peek_request_id,
 )
 from shards._types import BLCKSZ, RelTag
