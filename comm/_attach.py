@@ -104,7 +104,15 @@ class ProcBackend:
         if len(chunks) > self.slots:
             raise InvalidRequest(f"get_pages needs {len(chunks)} slots but this backend has "
                                  f"{self.slots}; ask for fewer blocks per call")
-        sent = [self._send(Kind.GET_PAGES, rel, chunk, lsn, nms, deadline) for chunk in chunks]
+        sent: list[tuple[int, int]] = []
+        try:
+            for chunk in chunks:
+                sent.append(self._send(Kind.GET_PAGES, rel, chunk, lsn, nms, deadline))
+        except BaseException:  # give up on what was sent; slots return on completion
+            for slot, use in sent:
+                self._sock.send(_ipc.encode_cancel(slot, use))
+                self._orphans.add(slot)
+            raise
         out: list[bytes] = []
         first: BaseException | None = None
         for slot, use in sent:

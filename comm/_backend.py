@@ -162,13 +162,20 @@ class Backend:
             if join is not None:
                 self._gather([], deadline, out, join)
             return False
-        slots = []
-        for shard, pos in chunks:
-            slot = self._take_slot(deadline)
-            slot.arm(Kind.GET_PAGES, _NORMAL, rel, tuple(blks[i] for i in pos), lsn, nms,
-                     deadline, shard)
-            self._submit(slot, m.worker_for(shard, self.id))
-            slots.append((slot, pos))
+        slots: list[tuple[Slot, list[int]]] = []
+        try:
+            for shard, pos in chunks:
+                slot = self._take_slot(deadline)
+                slot.arm(Kind.GET_PAGES, _NORMAL, rel, tuple(blks[i] for i in pos), lsn, nms,
+                         deadline, shard)
+                slots.append((slot, pos))
+                self._submit(slot, m.worker_for(shard, self.id))
+        except BaseException:  # no slot may be left behind: give up on the ones sent
+            for slot, _ in slots:
+                self._give_up(slot)
+            if join is not None:
+                self._give_up(join)
+            raise
         moved = self._gather(slots, deadline, out, join, m)
         if moved and not self._fetch(rel, blks, moved, lsn, nms, deadline, out):
             raise InvalidRequest(f"{len(moved)} blocks moved shards; too many for the ring")
@@ -389,6 +396,19 @@ class Backend:
             except zmq.ZMQError:
                 return False
             return True
+
+    def _give_up(self, slot: Slot) -> None:
+        """Stop waiting for ``slot`` without losing it: orphaned until the worker lets
+        go, or back in the ring at once if it already completed."""
+        if slot.abandon():
+            self._orphans.append(slot)
+            return
+        try:
+            slot.take()
+        except BaseException:  # its outcome no longer matters
+            pass
+        finally:
+            self._free.append(slot.index)
 
     def _wait(self, slot: Slot, deadline: float) -> Any:
         if not slot.wait(deadline - time.monotonic()) and slot.abandon():

@@ -65,6 +65,7 @@ class CommServer:
         self.comm, self.listen = comm, listen
         self.endpoint = ""
         self._by_ident: dict[bytes, _Attached] = {}  # front thread only
+        self._leaving: list[_Attached] = []  # abandoned at shutdown; unmapped by release()
         self._outbox: collections.deque[ProcRequest] = collections.deque()
         self._idle = False
         self._bell_r, self._bell_w = os.pipe()
@@ -90,8 +91,9 @@ class CommServer:
 
     def release(self) -> None:
         """Unmap every segment; call after the communicator (its workers) stopped."""
-        for att in list(self._by_ident.values()):
+        for att in list(self._by_ident.values()) + self._leaving:
             self._drop(att)
+        self._leaving.clear()
         for fd in (self._bell_r, self._bell_w):
             try:
                 os.close(fd)
@@ -131,7 +133,8 @@ class CommServer:
                     self._check_liveness()
                     next_check = time.monotonic() + _LIVENESS_INTERVAL
         finally:
-            for att in self._by_ident.values():
+            for att in list(self._by_ident.values()):
+                self._leaving.append(att)
                 self._abandon(att)
             for s in self._pushes.values():
                 s.close(0)

@@ -80,8 +80,13 @@ class Slot:
         self.state = SlotState.PENDING
 
     def disarm(self) -> None:
-        """Undo ``arm()`` of a slot that was never handed to anyone."""
-        self.state, self.rel, self.result = SlotState.FREE, None, None
+        """Undo ``arm()`` of a slot that was never handed to anyone. A cancel() from
+        another thread may have released ``_done`` meanwhile: take it back, so the
+        slot's next use waits for its own completion."""
+        with self._lock:
+            if self.state == SlotState.ABANDONED:
+                self._done.acquire(False)
+            self.state, self.rel, self.result, self.error = SlotState.FREE, None, None, None
 
     # A join slot collects pages that prefetches already in flight will deliver:
     # ``arm()`` it, ``add_part()`` once per joined page, then ``seal()``. It completes

@@ -4,6 +4,7 @@ Every failure is an InvalidRequest that names the argument."""
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 from shards import MAX_BLOCKNO, RelTag, check_reltag
@@ -53,14 +54,18 @@ def check_lsns(lsn: Any, nms: Any) -> tuple[int, int]:
     return lsn_i, nms_i
 
 
+_MAX_TIMEOUT = min(threading.TIMEOUT_MAX, 1e7)  # a lock wait refuses longer ones
+
+
 def check_timeout(timeout: Any, default: float) -> float:
     if timeout is None:
         return default
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidRequest(f"timeout must be a number of seconds, got "
                              f"{type(timeout).__name__}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise InvalidRequest(f"timeout={timeout!r} must be a positive finite number of seconds")
+    if not (0 < timeout <= _MAX_TIMEOUT and math.isfinite(timeout)):
+        raise InvalidRequest(f"timeout={timeout!r} must be a positive number of seconds up to "
+                             f"{_MAX_TIMEOUT:g}")
     return float(timeout)
 
 

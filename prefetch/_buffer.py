@@ -260,6 +260,8 @@ class PrefetchBuffer:
         if -1 in self._by_owner:  # pages of backends that left
             return self._evict_oldest(-1)
         active = [o for o, keys in self._by_owner.items() if keys]
+        if not active:  # everything is in flight and already read (joined): wait
+            return False
         share = self.capacity // max(1, len(active) + (owner not in self._by_owner))
         victim = max(active, key=lambda o: len(self._by_owner[o]))
         if len(self._by_owner[victim]) <= share and victim != owner:

@@ -183,6 +183,7 @@ def test_backend_belongs_to_one_thread(c):
     (lambda be: be.get_page(REL, 1, lsn=10, not_modified_since=11), "not_modified_since"),
     (lambda be: be.get_page(REL, 1, lsn=10, timeout=0), "timeout"),
     (lambda be: be.get_page(REL, 1, lsn=10, timeout=float("nan")), "timeout"),
+    (lambda be: be.get_page(REL, 1, lsn=10, timeout=1e12), "timeout"),
     (lambda be: be.get_pages(REL, [1, -2], lsn=10), r"blocks\[1\]"),
     (lambda be: be.get_pages(REL, 5, lsn=10), "blocks"),
     (lambda be: be.get_pages(REL, range(10000), lsn=10), "slots"),

@@ -69,3 +69,15 @@ def test_cancel_wakes_waiter_from_another_thread():
     assert s.state == SlotState.ABANDONED and isinstance(s.error, Cancelled)
     s.fail(RuntimeError("late"))  # the worker lets go later
     assert s.state == SlotState.FREE
+
+
+def test_disarm_after_a_concurrent_cancel_keeps_the_event_armed():
+    s = Slot(0, 1, "test")
+    s.arm_join(None, 100, 100, 1e18)
+    s.add_part()
+    s.cancel(Cancelled("from another thread"))  # races the lookup that found nothing
+    s.disarm()
+    s.arm(1, 0, None, (7,), 100, 100, 1e18, 0)
+    assert not s.wait(0.01)  # the next use waits for its own completion
+    s.complete(("page",))
+    assert s.wait(1) and s.take() == ("page",)

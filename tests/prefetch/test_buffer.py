@@ -150,3 +150,12 @@ def test_joined_entry_in_flight_is_never_evicted():
     buf.take(REL, 2, 100, 100)
     filled(buf, 2, [3])  # room is made from the READY consumed page 2, not from 1
     assert buf.fill(REL, 1, 100, PAGE) == [("slot", 0)]
+
+
+def test_full_of_joined_inflight_pages_drops_instead_of_failing():
+    buf = PrefetchBuffer(2)
+    buf.reserve(1, REL, [0, 1], 100, 100)
+    buf.lookup(REL, 0, 100, 100, ("slot", 0))
+    buf.lookup(REL, 1, 100, 100, ("slot", 1))
+    assert buf.reserve(2, REL, [5], 100, 100) == []
+    assert buf.counters.dropped == 1
