@@ -34,6 +34,7 @@ from ._errors import (
     InvalidRequest,
     RelationNotFound,
     RequestTimeout,
+    ShardUnavailable,
     WrongShard,
 )
 from ._metrics import LatencyRecorder
@@ -107,8 +108,17 @@ class Backend:
                 counts["joins"] += 1
                 self._promote(val)
                 slot.seal()
-                return self._wait(slot, deadline)[0]
-            slot.disarm()
+                try:
+                    return self._wait(slot, deadline)[0]
+                except (ShardUnavailable, WrongShard):
+                    # the prefetch failed on its own terms (its deadline, a split, a
+                    # lost server): within our deadline, read the page ourselves
+                    if time.monotonic() >= deadline:
+                        raise
+                slot = self._take_slot(deadline)
+                kind = MISS
+            else:
+                slot.disarm()
             if kind == HIT:
                 counts["hits"] += 1
                 self._free.append(slot.index)

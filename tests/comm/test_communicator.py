@@ -274,3 +274,15 @@ def test_relsize_cache_reuses_answers_only_within_the_lsn_rule(c, servers):
         assert sent() == n + 1
     rc = c.stats()["relsize_cache"]
     assert rc["hits"] == 3 and rc["misses"] == 2
+
+
+def test_a_read_that_joined_a_failed_prefetch_reads_the_page_itself(servers):
+    for s in servers:
+        s.frozen = True
+    cfg = comm.CommConfig(attempt_timeout=0.2)
+    with comm.Communicator([s.endpoint for s in servers], stripe_size=8, config=cfg) as c, \
+            c.backend() as be:
+        be.prefetch(REL, [3], lsn=100, timeout=0.3)  # will time out on its own deadline
+        threading.Timer(0.6, lambda: [setattr(s, "frozen", False) for s in servers]).start()
+        assert be.get_page(REL, 3, lsn=100, timeout=10) == fake_page(REL, 3, 100)
+        assert be.stats()["joins"] == 1
