@@ -22,8 +22,6 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
@@ -40,7 +38,7 @@ from ._errors import (
 from ._metrics import LatencyRecorder
 from ._slot import Slot, SlotState
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
-from ._worker import DOORBELL
+from ._worker import Doorbells
 
 if TYPE_CHECKING:
     from ._communicator import Communicator
@@ -68,10 +66,10 @@ class Backend:
         self._latency = LatencyRecorder()  # call latencies; owner thread only
         self._timeout = comm.config.request_timeout
         self._buffer = comm._buffer
-        # _lock guards: _push (the sockets) and _closed; held while sending so that a
+        # _lock guards: _bells (the sockets) and _closed; held while sending so that a
         # close() from another thread never closes a socket in use
         self._lock = threading.Lock()
-        self._push: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH
+        self._bells = Doorbells(comm._open_pipe)
         self._closed = False
 
     # ------------------------------------------------------------ public API
@@ -220,13 +218,7 @@ class Backend:
         return join, missing
 
     def _promote(self, job: Any) -> None:
-        """A foreground read joined a prefetch: make sure it does not wait behind other
-        prefetches. The job's worker re-sorts it (or ignores this if already sent)."""
-        if job is None or job.cls == _NORMAL or job.sent:
-            return
-        job.cls = _NORMAL
-        self._buffer.note_promotion()
-        self._submit(job, job.worker)
+        self._comm._promote(job, self._submit)
 
     def prefetch(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
                  not_modified_since: int | None = None, timeout: float | None = None) -> int:
@@ -293,9 +285,7 @@ class Backend:
             if self._closed:
                 return
             self._closed = True
-            push, self._push = self._push, {}
-            for sock in push.values():
-                sock.close(0)
+            self._bells.close()
         for slot in self._slots:
             slot.cancel(CommClosed(f"{self.name} is closed"))
         self._comm._forget_backend(self)
@@ -396,16 +386,7 @@ class Backend:
 
     def _ring(self, w: Any) -> bool:
         with self._lock:
-            if self._closed:
-                return False
-            sock = self._push.get(w.pipe)
-            if sock is None:
-                sock = self._push[w.pipe] = self._comm._open_pipe(w.pipe)
-            try:
-                sock.send(DOORBELL, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                return False
-            return True
+            return not self._closed and self._bells.ring(w)
 
     def _give_up(self, slot: Slot) -> None:
         """Stop waiting for ``slot`` without losing it: orphaned until the worker lets

@@ -251,6 +251,16 @@ class Communicator:
                 be._submit(job, job.worker)
         return len(todo)
 
+    def _promote(self, job: Any, submit: Any) -> None:
+        """A foreground read joined prefetch ``job``: make sure it does not wait behind
+        other prefetches. ``submit(job, worker)`` hands it to its worker again, which
+        re-sorts it as NORMAL (or ignores it if it was sent meanwhile)."""
+        if job is None or job.cls == RequestClass.NORMAL or job.sent:
+            return
+        job.cls = int(RequestClass.NORMAL)
+        self._buffer.note_promotion()
+        submit(job, job.worker)
+
     # ------------------------------------------------------------ introspection
     def stats(self) -> dict[str, Any]:
         """Per-shard queue depth, in flight and counters; prefetch counters; slots."""

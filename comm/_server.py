@@ -38,7 +38,7 @@ from . import _ipc
 from ._errors import CommError, InvalidRequest
 from ._procreq import CLOSED, ProcRequest, WireJob
 from ._validate import check_lsns, check_rel, check_timeout
-from ._worker import DOORBELL
+from ._worker import Doorbells
 
 log = logging.getLogger(__name__)
 _LIVENESS_INTERVAL = 0.2
@@ -73,7 +73,7 @@ class CommServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="comm-front", daemon=True)
-        self._pushes: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH (front thread only)
+        self._bells = Doorbells(comm._open_pipe)  # front thread only
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> CommServer:
@@ -136,8 +136,7 @@ class CommServer:
             for att in list(self._by_ident.values()):
                 self._leaving.append(att)
                 self._abandon(att)
-            for s in self._pushes.values():
-                s.close(0)
+            self._bells.close()
             router.close(0)
 
     def _drain(self, router: zmq.Socket) -> None:
@@ -252,7 +251,7 @@ class CommServer:
                 p.add_part()
                 kind, val = buf.lookup(rel, b, lsn, nms, (p, i))
                 if kind == 2:  # JOINED: the prefetch delivers this part
-                    self._promote(val)
+                    self.comm._promote(val, self._submit)
                     continue
                 p.part_done()
                 if kind == 1:  # HIT
@@ -264,12 +263,6 @@ class CommServer:
                           tuple(blocks[i] for i in pos), pos, lsn, nms, deadline, shard)
             p.add_part()
             self._submit(job, m.worker_for(shard, att.id))
-
-    def _promote(self, job: Any) -> None:
-        if job is not None and job.cls != RequestClass.NORMAL and not job.sent:
-            job.cls = int(RequestClass.NORMAL)
-            self.comm._buffer.note_promotion()
-            self._submit(job, job.worker)
 
     def _prefetch(self, att: _Attached, r: _ipc.Req) -> None:
         try:
@@ -283,12 +276,7 @@ class CommServer:
         self.comm._prefetch(_Submitter(self, att), rel, blocks, lsn, nms, deadline)
 
     def _submit(self, job: Any, w: Any) -> None:
-        w.inbox.append(job)
-        if w.idle:
-            sock = self._pushes.get(w.pipe)
-            if sock is None:
-                sock = self._pushes[w.pipe] = self.comm._open_pipe(w.pipe)
-            sock.send(DOORBELL, zmq.NOBLOCK)
+        self._bells.submit(job, w)
 
     # ------------------------------------------------------------ completions
     def _post(self, p: ProcRequest) -> None:

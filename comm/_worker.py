@@ -68,6 +68,36 @@ _GET_PAGES = int(Kind.GET_PAGES)
 _POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = zmq.POLLIN, zmq.NOBLOCK, zmq.EVENTS, zmq.RCVMORE
 
 
+class Doorbells:
+    """One thread's hand-off to shard workers: append a job to the worker's inbox and
+    ring its pipe only if the worker may be asleep. The PUSH sockets (one per worker
+    pipe) are created lazily by, and belong to, the thread that owns this object."""
+
+    def __init__(self, open_pipe: Any) -> None:
+        self._open_pipe = open_pipe
+        self._socks: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH
+
+    def submit(self, job: Any, w: ShardWorker) -> bool:
+        """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
+        w.inbox.append(job)
+        return not w.idle or self.ring(w)
+
+    def ring(self, w: ShardWorker) -> bool:
+        sock = self._socks.get(w.pipe)
+        if sock is None:
+            sock = self._socks[w.pipe] = self._open_pipe(w.pipe)
+        try:
+            sock.send(DOORBELL, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            sock.close(0)
+
+
 class WorkerStats:
     """Counters written only by the worker thread; read (racily, that is fine) by stats()."""
 
