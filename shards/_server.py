@@ -41,6 +41,7 @@ import zmq
 from ._curve import check_exposure, secure_server
 from ._errors import ProtocolError, ShardsError, StoreError
 from ._fastpath import ok_get_pages_reply_head
+from ._faults import ServerFaults, inject
 from ._protocol import (
     _PREFIX,
     MAX_MESSAGE_BYTES,
@@ -65,35 +66,17 @@ from ._protocol import (
 )
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
 from ._store import PageStore, StoreReader
-from ._types import BLCKSZ, MAX_BLOCKNO, RelTag
+from ._types import BLCKSZ, RelTag
 
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05      # how often an idle loop looks at the stop flag
 _PARK_RECHECK_S = 0.005  # how often parked requests re-read the store's last_lsn
 _HWM = 10_000
-_ZERO_PAGE = bytes(BLCKSZ)
 # counter keys, built once: an f-string and an enum .name per request add up
 _REQUEST_KEYS = {k: f"requests.{k.name}" for k in Kind}
 _CLASS_KEYS = {c: f"classes.{c.name}" for c in RequestClass}
 _NOBLOCK, _SNDMORE = zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE
-
-
-@dataclass
-class ServerFaults:
-    """Fault injection, read per request (mutate it while the server runs).
-
-    Rates are probabilities in 0..1. ``error_status`` (if set, not OK) is forced on
-    a fraction ``error_rate`` of requests, with the reason "injected fault".
-    """
-
-    drop_rate: float = 0.0        # never answer
-    corrupt_rate: float = 0.0     # flip bytes in the pages of an OK GetPages reply
-    wrong_block_rate: float = 0.0  # answer one block with ANOTHER block (echo and page)
-    error_status: Status | None = None
-    error_rate: float = 1.0
-    garbage_rate: float = 0.0     # send random frames instead of the reply
-    seed: int | None = None
 
 
 @dataclass(slots=True)
@@ -453,7 +436,7 @@ class PageServer:
               now: float, counts: Counter[str]) -> None:
         f = self.faults
         if f is not None:
-            reply_or_frames = self._inject(f, r, p.req, reply, counts)
+            reply_or_frames = inject(f, self._rng, r, p.req, reply, counts)
             if reply_or_frames is None:
                 return
             if isinstance(reply_or_frames, list):
@@ -497,39 +480,6 @@ class PageServer:
         except zmq.ZMQError as e:  # peer gone or its queue full: the client will time out
             counts["send_errors"] += 1
             log.debug("reply not sent: %s", e)
-
-    def _inject(self, f: ServerFaults, r: StoreReader | None, req: Request, reply: Reply,
-                counts: Counter[str]) -> Reply | list[bytes] | None:
-        """Apply the fault hooks: None = drop, list = raw frames, else a (new) reply."""
-        rnd = self._rng.random
-        if f.drop_rate and rnd() < f.drop_rate:
-            counts["faults.dropped"] += 1
-            return None
-        if f.garbage_rate and rnd() < f.garbage_rate:
-            counts["faults.garbage"] += 1
-            return [self._rng.randbytes(self._rng.randint(0, 64))
-                    for _ in range(self._rng.randint(1, 3))]
-        if f.error_status is not None and f.error_status != Status.OK and rnd() < f.error_rate:
-            counts["faults.error_status"] += 1
-            return error_reply(req, Status(f.error_status), "injected fault")
-        if not isinstance(reply, GetPagesReply) or reply.status != Status.OK:
-            return reply
-        blocks, pages = list(reply.blocks), list(reply.pages)
-        if f.wrong_block_rate and rnd() < f.wrong_block_rate and r is not None:
-            counts["faults.wrong_block"] += 1
-            i = self._rng.randrange(len(blocks))
-            b = blocks[i] + 1 if blocks[i] < MAX_BLOCKNO else blocks[i] - 1
-            blocks[i] = b
-            pages[i] = r._get_pages(reply.rel, [b], reply.lsn)[0] or _ZERO_PAGE
-        if f.corrupt_rate and rnd() < f.corrupt_rate:
-            counts["faults.corrupt"] += 1
-            i = self._rng.randrange(len(pages))
-            buf = bytearray(pages[i])
-            for _ in range(4):
-                buf[self._rng.randrange(BLCKSZ)] ^= 0xFF
-            pages[i] = bytes(buf)
-        return GetPagesReply(reply.id, reply.attempt, reply.status, reply.lsn, reply.nms,
-                             reply.rel, tuple(blocks), tuple(pages))
 
 
 def _ok_reply(req: Request, pages: list[bytes]) -> GetPagesReply:
