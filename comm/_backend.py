@@ -198,23 +198,14 @@ class Backend:
             return None, list(range(len(blks)))
         join = self._take_slot(deadline)
         join.arm_join(rel, lsn, nms, deadline)
-        missing, promoted = [], set()
-        for i, b in enumerate(blks):
-            join.add_part()
-            kind, val = self._buffer.lookup(rel, b, lsn, nms, (join, i))
-            if kind == JOINED:
-                self._counts["joins"] += 1
-                if id(val) not in promoted:
-                    promoted.add(id(val))
-                    self._promote(val)
-                continue
-            join.deliver_part(-1, None)  # not joined: take the part back
-            if kind == HIT:
-                self._counts["hits"] += 1
-                out[i] = val
-            else:
-                missing.append(i)
-        join.seal()
+        n = len(blks)
+        join.add_parts(n)  # before the lookup: a part may be delivered as soon as it joins
+        missing, joined, jobs = self._buffer.lookup_many(rel, blks, lsn, nms, join, out)
+        self._counts["joins"] += joined
+        self._counts["hits"] += n - joined - len(missing)
+        for job in jobs:
+            self._promote(job)
+        join.deliver_parts([], n - joined + 1)  # give back the parts not joined + the seal
         return join, missing
 
     def _promote(self, job: Any) -> None:

@@ -76,15 +76,19 @@ class PrefetchJob:
         return True
 
     def complete(self, pages: Sequence[bytes]) -> bool:
-        for blk, page in zip(self.blocks, pages, strict=True):
-            for slot, i in self.buffer.fill(self.rel, blk, self.lsn, page):
-                slot.deliver_part(i, page)
+        # one buffer lock hold and one lock hold per joined slot, not one per page
+        got = self.buffer.fill_many(self.rel, self.blocks, self.lsn, pages)
+        if got:
+            by_slot: dict[int, tuple[Any, list[tuple[int, bytes]]]] = {}
+            for slot, i, page in got:
+                by_slot.setdefault(id(slot), (slot, []))[1].append((i, page))
+            for slot, items in by_slot.values():
+                slot.deliver_parts(items)
         return True
 
     def fail(self, error: BaseException) -> bool:
-        for blk in self.blocks:
-            for slot, i in self.buffer.discard(self.rel, blk, self.lsn):
-                slot.fail_part(i, error)
+        for slot, i in self.buffer.discard_many(self.rel, self.blocks, self.lsn):
+            slot.fail_part(i, error)
         return True
 
     def describe(self) -> dict[str, Any]:

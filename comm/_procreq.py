@@ -61,6 +61,20 @@ class ProcRequest:
             self.write(i, page)
         self.part_done()
 
+    def add_parts(self, n: int) -> None:
+        with self._lock:
+            self.parts += n
+
+    def deliver_parts(self, items: list[tuple[int, bytes]], unused: int = 0) -> None:
+        """Write several parts, and give back ``unused`` ones, completing at most once."""
+        for i, page in items:
+            self.write(i, page)
+        with self._lock:
+            self.parts -= len(items) + unused
+            last = self.parts == 0
+        if last:
+            self.post(self)
+
     def fail_part(self, i: int, error: BaseException) -> None:
         self.fail(error)
         self.part_done()

@@ -244,20 +244,20 @@ class CommServer:
     def _get_pages(self, att: _Attached, p: ProcRequest, m: Any, rel: RelTag,
                    blocks: tuple[int, ...], lsn: int, nms: int, deadline: float) -> None:
         buf = self.comm._buffer
+        missing: list[int] = list(range(len(blocks)))
+        if buf._entries:  # racy peek: an empty buffer needs no lock
+            n = len(blocks)
+            hits: list[Any] = [None] * n
+            p.add_parts(n)  # before the lookup: a joined part may land at once
+            missing, joined, jobs = buf.lookup_many(rel, list(blocks), lsn, nms, p, hits)
+            for job in jobs:
+                self.comm._promote(job, self._submit)
+            # write the hits; give back the parts of the pages that must be fetched
+            p.deliver_parts([(i, pg) for i, pg in enumerate(hits) if pg is not None],
+                            len(missing))
         misses: dict[int, list[int]] = {}
-        for i, b in enumerate(blocks):
-            kind, val = (0, None)
-            if buf._entries:
-                p.add_part()
-                kind, val = buf.lookup(rel, b, lsn, nms, (p, i))
-                if kind == 2:  # JOINED: the prefetch delivers this part
-                    self.comm._promote(val, self._submit)
-                    continue
-                p.part_done()
-                if kind == 1:  # HIT
-                    p.write(i, val)
-                    continue
-            misses.setdefault(m.shard_of(rel, b), []).append(i)
+        for i in missing:
+            misses.setdefault(m.shard_of(rel, blocks[i]), []).append(i)
         for shard, pos in misses.items():
             job = WireJob(p, Kind.GET_PAGES, int(RequestClass.NORMAL), rel,
                           tuple(blocks[i] for i in pos), pos, lsn, nms, deadline, shard)

@@ -103,6 +103,20 @@ class Slot:
     def seal(self) -> None:
         self.deliver_part(-1, None)
 
+    def add_parts(self, n: int) -> None:
+        with self._lock:
+            self.parts += n
+
+    def deliver_parts(self, items: list[tuple[int, Any]], unused: int = 0) -> None:
+        """Deliver several parts, and give back ``unused`` ones, under one lock hold."""
+        with self._lock:
+            if self.state == SlotState.PENDING:
+                result = self.result
+                for i, page in items:
+                    result[i] = page
+            self.parts -= len(items) + unused - 1
+            self._part_done()
+
     def deliver_part(self, i: int, page: Any) -> None:
         with self._lock:
             if self.state == SlotState.PENDING and i >= 0:

@@ -105,6 +105,34 @@ class PrefetchBuffer:
             self._consume(key, e)
             return JOINED, e.job
 
+    def lookup_many(self, rel: Any, blocks: list[int], lsn: int, nms: int, join: Any,
+                    out: list[Any]) -> tuple[list[int], int, list[Any]]:
+        """``lookup`` for many blocks of one relation under ONE lock acquisition (the
+        buffer lock is contended by every backend and worker: one hold per call, not
+        per page). Hits go to ``out[i]``; pages in flight are joined as ``(join, i)``.
+        Returns (positions missing, number joined, the distinct jobs joined)."""
+        missing: list[int] = []
+        jobs: dict[int, Any] = {}
+        joined = 0
+        entries, c = self._entries, self.counters
+        with self._lock:
+            for i, blk in enumerate(blocks):
+                key = (rel, blk)
+                e = entries.get(key)
+                if e is None or not (nms <= e.lsn and e.nms <= lsn):  # ranges_overlap
+                    missing.append(i)
+                    continue
+                if e.state == READY:
+                    c.hits += 1
+                    out[i] = e.page
+                else:
+                    c.joins += 1
+                    joined += 1
+                    e.waiters.append((join, i))
+                    jobs[id(e.job)] = e.job
+                self._consume(key, e)
+        return missing, joined, list(jobs.values())
+
     def take(self, rel: Any, blk: int, lsn: int, nms: int) -> bytes | None:
         """The buffered page for this read, or None (never joins)."""
         kind, page = self.lookup(rel, blk, lsn, nms, None)
@@ -161,28 +189,47 @@ class PrefetchBuffer:
     def fill(self, rel: Any, blk: int, lsn: int, page: bytes) -> list[Any]:
         """A prefetched page arrived (worker thread). Returns the joined waiters, to
         be completed by the caller outside the lock."""
+        return [(slot, i) for slot, i, _ in self.fill_many(rel, (blk,), lsn, (page,))]
+
+    def fill_many(self, rel: Any, blocks: tuple[int, ...], lsn: int,
+                  pages: Any) -> list[tuple[Any, int, bytes]]:
+        """``fill`` for every page of one reply under one lock acquisition. Returns
+        (waiter slot, position, page) for the joined readers, to complete outside it."""
+        out: list[tuple[Any, int, bytes]] = []
+        entries = self._entries
         with self._lock:
-            e = self._entries.get((rel, blk))
-            if e is None or e.state != PENDING or e.lsn != lsn:
-                return []
-            e.state, e.page, e.job = READY, page, None
-            waiters, e.waiters = e.waiters, []
-            if e.consumed:
-                self._consumed[(rel, blk)] = None  # already read: first to make room
-                if not waiters:  # read in the foreground meanwhile
-                    self.counters.late += 1
-            return waiters
+            for blk, page in zip(blocks, pages, strict=True):
+                key = (rel, blk)
+                e = entries.get(key)
+                if e is None or e.state != PENDING or e.lsn != lsn:
+                    continue
+                e.state, e.page, e.job = READY, page, None
+                waiters, e.waiters = e.waiters, []
+                if e.consumed:
+                    self._consumed[key] = None  # already read: first to make room
+                    if not waiters:  # read in the foreground meanwhile
+                        self.counters.late += 1
+                for slot, i in waiters:
+                    out.append((slot, i, page))
+        return out
+
+    def discard_many(self, rel: Any, blocks: tuple[int, ...], lsn: int) -> list[Any]:
+        """``discard`` for every block of a failed request; returns the joined waiters."""
+        out: list[Any] = []
+        with self._lock:
+            for blk in blocks:
+                key = (rel, blk)
+                e = self._entries.get(key)
+                if e is None or e.state != PENDING or e.lsn != lsn:
+                    continue
+                self.counters.failed += 1
+                self._remove(key, e)
+                out += e.waiters
+        return out
 
     def discard(self, rel: Any, blk: int, lsn: int) -> list[Any]:
         """A prefetch failed: forget the reservation; returns the joined waiters."""
-        with self._lock:
-            key = (rel, blk)
-            e = self._entries.get(key)
-            if e is None or e.state != PENDING or e.lsn != lsn:
-                return []
-            self.counters.failed += 1
-            self._remove(key, e)
-            return e.waiters
+        return self.discard_many(rel, (blk,), lsn)
 
     def forget_owner(self, owner: int) -> None:
         """A backend left: its unread pages stay (others may read them) but count for
