@@ -35,6 +35,9 @@ def check_block(blkno: Any, name: str = "blkno") -> int:
 
 
 def check_blocks(blocks: Any) -> list[int]:
+    if type(blocks) is range and blocks.step == 1 and (
+            not blocks or (blocks.start >= 0 and blocks.stop - 1 <= MAX_BLOCKNO)):
+        return list(blocks)  # the common case of scans: valid as a whole
     if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
         raise InvalidRequest(f"blocks must be an iterable of ints, got {type(blocks).__name__}")
     out = [check_block(b, f"blocks[{i}]") for i, b in enumerate(blocks)]

@@ -11,7 +11,7 @@ from ._pgimport import ImportResult, import_pgdata
 from ._server import PageServer, ServerFaults
 from ._shardmap import DEFAULT_STRIPE_SIZE, hash_combine, murmurhash32, shard_for
 from ._store import PageStore, open_shard_store, read_layout
-from ._synth import generate_store, synth_page
+from ._synth import generate_store, synth_page, synth_pages
 from ._types import (
     BLCKSZ,
     FSM_FORKNUM,
@@ -30,6 +30,6 @@ __all__ = [
     "ImportResult", "LocalCluster", "PageServer", "PageStore", "PgImportError",
     "ProtocolError", "RelTag", "ServerFaults", "ShardsError", "StoreError",
     "check_reltag", "generate_store", "hash_combine", "import_pgdata", "murmurhash32",
-    "open_shard_store", "pg_checksum_page", "read_layout", "shard_for", "synth_page",
+    "open_shard_store", "pg_checksum_page", "read_layout", "shard_for", "synth_page", "synth_pages",
     "verify_page_checksum",
 ]

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shards import LocalCluster, RelTag, synth_page
+from shards import LocalCluster, RelTag, synth_page, synth_pages
 
 from ._pagecomm import PagecommBackend, prefetch_buffer_pages
 from ._setup import (
@@ -86,6 +86,9 @@ class _ChildData:
     def expected(self, rel: RelTag, blk: int) -> bytes:
         return synth_page(rel, blk, self.lsn)
 
+    def expected_many(self, rel: RelTag, blks: list[int]) -> list[bytes]:
+        return synth_pages(rel, blks, self.lsn)
+
 
 # ------------------------------------------------------------------ child side
 def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any) -> None:
@@ -120,6 +123,7 @@ def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any
         t.errors += 1
     finally:
         reader.close()
+        rec.verify(t)
     if not ready:
         out.put(("failed", i, failure))
         return

@@ -77,6 +77,7 @@ def raw_thread(rec: Recorder, ds: Dataset, p: Params, endpoints: list[str],
         for s in socks:
             s.close(0)
         ctx.term()
+        rec.verify(t)
 
 
 def _loop(rec: Recorder, t: Any, poller: zmq.Poller, index: dict[zmq.Socket, int],

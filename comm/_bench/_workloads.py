@@ -155,6 +155,7 @@ def _backend_main(d: Any, rec: Recorder, i: int, role: str, p: Params) -> None:
         raise
     finally:
         reader.close()
+        rec.verify(t)
 
 
 def _random(reader: Any, rec: Recorder, t: Tally, i: int) -> None:
