@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 Every message is a list of frames. Frame 0 is a fixed 32-byte prefix followed by a
-kind-specific body; bulk data (each 8 KB page, an SLRU segment, an error reason)
-travels in frames of its own so that the receiver can hand a page on without
-slicing or copying it. Requests are always exactly one frame. Replies echo the
+kind-specific body. Requests are always exactly one frame. An OK GetPages reply
+is ONE frame too: its header, then the pages back to back. A receiver pays for
+every frame (pyzmq releases the GIL in each receive call, and in a busy
+multithreaded client each release can cost a thread hand-off), so the hottest
+message has one; protocol version 1 sent one frame per page. Other bulk data (an
+SLRU segment, an error reason) follows in one frame of its own. Replies echo the
 request id, attempt, LSNs and the relation/blocks asked for, so that a receiver can
 check a reply against its request before trusting it.
 
@@ -26,14 +29,14 @@ from typing import Any, TypeVar
 from ._errors import ProtocolError
 from ._types import BLCKSZ, MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, MAX_FORKNUM, RelTag
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: an OK GetPages reply is one frame (1 had a frame per page)
 REPLY_FLAG = 0x80
 MAX_REASON_BYTES = 1024
 SLRU_PAGES_PER_SEGMENT = 32
 MAX_SLRU_SEGMENT_BYTES = SLRU_PAGES_PER_SEGMENT * BLCKSZ
 MAX_MESSAGE_BYTES = MAX_SLRU_SEGMENT_BYTES + 4096
 """Upper bound on any single frame; servers set ZMQ_MAXMSGSIZE to this."""
-MAX_FRAMES = 1 + MAX_BLOCKS_PER_REQUEST
+MAX_FRAMES = 2  # a header, then at most one bulk frame (an SLRU segment or a reason)
 
 
 class Kind(IntEnum):
@@ -283,15 +286,15 @@ def encode_reply(msg: Reply) -> list[bytes]:
     head = _prefix(msg.kind | REPLY_FLAG, status, msg)
     tail = _reason_frames(msg.status, msg.reason)
     if isinstance(msg, GetPagesReply):
-        frames = [head + _rel_body(msg.rel, len(msg.blocks)) + _blocks_body(msg.blocks)]
+        head += _rel_body(msg.rel, len(msg.blocks)) + _blocks_body(msg.blocks)
         if msg.status == Status.OK:
             if len(msg.pages) != len(msg.blocks):
                 raise ProtocolError(f"{len(msg.pages)} pages for {len(msg.blocks)} blocks")
             for p in msg.pages:
                 if not isinstance(p, _PAGE_TYPES) or len(p) != BLCKSZ:
                     raise ProtocolError(f"a page must be {BLCKSZ} bytes, got {_describe(p)}")
-            frames.extend(msg.pages)
-        return frames + tail
+            return [b"".join([head, *msg.pages])]  # one frame: header, then the pages
+        return [head] + tail
     if isinstance(msg, RelSizeReply):
         # _rel_body validates the rel; the reply layout differs only after the fork byte.
         _rel_body(msg.rel, 0)
@@ -384,11 +387,14 @@ def _rel(buf: memoryview, off: int) -> tuple[RelTag, int]:
     return RelTag(spc, db, rel, fork), n
 
 
-def _blocks(buf: memoryview, off: int, n: int) -> tuple[int, ...]:
+def _blocks(buf: memoryview, off: int, n: int, page_bytes: int = 0) -> tuple[int, ...]:
+    """The ``n`` block numbers at ``off``; ``buf`` must end ``page_bytes`` after them."""
     if not 1 <= n <= MAX_BLOCKS_PER_REQUEST:
         raise ProtocolError(f"block count {n} outside 1..{MAX_BLOCKS_PER_REQUEST}")
-    if len(buf) != off + 4 * n:
-        raise ProtocolError(f"GetPages header is {len(buf)} bytes, expected {off + 4 * n}")
+    if len(buf) != off + (4 + page_bytes) * n:
+        what = "GetPages header" if not page_bytes else "OK GetPages reply frame"
+        raise ProtocolError(f"{what} is {len(buf)} bytes, expected "
+                            f"{off + (4 + page_bytes) * n}")
     blocks = _BLOCK_STRUCTS[n].unpack_from(buf, off)
     for b in blocks:
         if b > MAX_BLOCKNO:
@@ -516,16 +522,15 @@ def _five(common: tuple[Any, ...]) -> tuple[int, int, Status, int, int]:
 def _decode_get_pages_reply(frames: Sequence[bytes], head: memoryview,
                             common: tuple[Any, ...]) -> Reply:
     rel, n = _rel(head, _PREFIX_LEN)
-    blocks = _blocks(head, _PREFIX_LEN + _REL.size, n)
     status = common[2]
     if status != Status.OK:
+        blocks = _blocks(head, _PREFIX_LEN + _REL.size, n)
         return GetPagesReply(*_five(common), rel, blocks, (), _reason(frames, status, 1))
-    if len(frames) != 1 + n:
-        raise ProtocolError(f"GetPages reply has {len(frames) - 1} page frames for {n} blocks")
-    pages = tuple(frames[1:])
-    for p in pages:
-        if (len(p) if type(p) is bytes else _nbytes(p, "page frame")) != BLCKSZ:
-            raise ProtocolError(f"page frame of {_nbytes(p, 'page')} bytes, expected {BLCKSZ}")
+    if len(frames) != 1:
+        raise ProtocolError(f"an OK GetPages reply is one frame, got {len(frames)}")
+    blocks = _blocks(head, _PREFIX_LEN + _REL.size, n, BLCKSZ)
+    off = _PREFIX_LEN + _REL.size + 4 * n
+    pages = tuple(bytes(head[off + i * BLCKSZ: off + (i + 1) * BLCKSZ]) for i in range(n))
     return GetPagesReply(*_five(common), rel, blocks, pages, "")
 
 

@@ -40,7 +40,7 @@ import zmq
 
 from ._curve import check_exposure, secure_server
 from ._errors import ProtocolError, ShardsError, StoreError
-from ._fastpath import ok_get_pages_reply_head
+from ._fastpath import ok_get_pages_reply
 from ._faults import ServerFaults, inject
 from ._protocol import (
     _PREFIX,
@@ -429,7 +429,7 @@ class PageServer:
             if type(page) is not bytes or len(page) != BLCKSZ:
                 return False
         counts["pages_served"] += len(pages)
-        self._schedule(sock, p, [ok_get_pages_reply_head(p.frame), *pages], now, counts)
+        self._schedule(sock, p, [ok_get_pages_reply(p.frame, pages)], now, counts)
         return True
 
     def _emit(self, sock: zmq.Socket, r: StoreReader | None, p: _Pending, reply: Reply,

@@ -34,11 +34,12 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # a cell's CPU is counted; reported in every pagecomm / proc cell
 COPIES_PER_PAGE = {"proc": 3, "pagecomm": 1}
 COPY_PATH = {
-    "proc": "3 copies: (1) shard worker's recv_multipart copies the ZeroMQ frame into a "
-            "bytes object; (2) the worker writes it into the backend's shared-memory slot; "
-            "(3) the backend process copies it out of the slot into the returned bytes",
-    "pagecomm": "1 copy: the bytes object made from the ZeroMQ frame by the shard worker is "
-                "handed to the backend thread as is",
+    "proc": "3 copies: (1) the shard worker's decoder copies each page out of the ZeroMQ "
+            "reply frame (received without a copy) into a bytes object; (2) the worker "
+            "writes it into the backend's shared-memory slot; (3) the backend process copies "
+            "it out of the slot into the returned bytes",
+    "pagecomm": "1 copy: the shard worker's decoder copies each page out of the ZeroMQ reply "
+                "frame (received without a copy) into the bytes object handed to the backend",
 }
 CPU_METHOD = {
     "proc": "sum of the bench process (getrusage RUSAGE_SELF), the comm serve process and "

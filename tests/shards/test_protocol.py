@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shards._errors import ProtocolError
-from shards._fastpath import decode_get_pages_reply_fast, ok_get_pages_reply_head
+from shards._fastpath import decode_get_pages_reply_fast, ok_get_pages_reply
 from shards._protocol import (
     MAX_MESSAGE_BYTES,
     MAX_REASON_BYTES,
@@ -72,52 +72,52 @@ SEG = b"\xaa" * BLCKSZ + b"\x55" * BLCKSZ
 
 REQUEST_TABLE = [
     (GetPagesRequest(**A, cls=RequestClass.PREFETCH, rel=REL_A, blocks=(7, 0xFFFFFFFE)),
-     [h("01 01 01 00" + ID_A + "7f060000 05000000 00400000 00 02 0000" + "07000000 feffffff")]),
+     [h("02 01 01 00" + ID_A + "7f060000 05000000 00400000 00 02 0000" + "07000000 feffffff")]),
     (GetPagesRequest(**B, cls=RequestClass.NORMAL, rel=REL_B, blocks=(0,)),
-     [h("01 01 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000" + "00000000")]),
+     [h("02 01 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000" + "00000000")]),
     (RelSizeRequest(**B, cls=RequestClass.NORMAL, rel=REL_B, allow_missing=True),
-     [h("01 02 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000")]),
+     [h("02 02 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000")]),
     (RelSizeRequest(**A, cls=RequestClass.BACKGROUND, rel=RelTag(1663, 5, 16384, 3),
                     allow_missing=False),
-     [h("01 02 02 00" + ID_A + "7f060000 05000000 00400000 03 00 0000")]),
+     [h("02 02 02 00" + ID_A + "7f060000 05000000 00400000 03 00 0000")]),
     (DbSizeRequest(**C, cls=RequestClass.BACKGROUND, db=0xDEADBEEF),
-     [h("01 03 02 00" + ID_C + "efbeadde")]),
+     [h("02 03 02 00" + ID_C + "efbeadde")]),
     (SlruSegmentRequest(**D, cls=RequestClass.NORMAL, slru_kind=SlruKind.MULTIXACT_OFFSETS,
                         segno=0x12345),
-     [h("01 04 00 00" + ID_D + "02 000000 45230100")]),
+     [h("02 04 00 00" + ID_D + "02 000000 45230100")]),
     (SlruSegmentRequest(**D, cls=RequestClass.PREFETCH, slru_kind=SlruKind.CLOG, segno=0),
-     [h("01 04 01 00" + ID_D + "00 000000 00000000")]),
+     [h("02 04 01 00" + ID_D + "00 000000 00000000")]),
 ]
 
 REPLY_TABLE = [
     (GetPagesReply(**A, status=Status.OK, rel=REL_A, blocks=(7, 0xFFFFFFFE),
                    pages=(PAGE1, PAGE2)),
-     [h("01 81 00 00" + ID_A + "7f060000 05000000 00400000 00 02 0000" + "07000000 feffffff"),
-      PAGE1, PAGE2]),
+     [h("02 81 00 00" + ID_A + "7f060000 05000000 00400000 00 02 0000" + "07000000 feffffff")
+      + PAGE1 + PAGE2]),
     (GetPagesReply(**A, status=Status.NOT_FOUND, rel=REL_A, blocks=(7,), reason="no page"),
-     [h("01 81 01 00" + ID_A + "7f060000 05000000 00400000 00 01 0000" + "07000000"),
+     [h("02 81 01 00" + ID_A + "7f060000 05000000 00400000 00 01 0000" + "07000000"),
       h("6e6f2070616765")]),
     (GetPagesReply(**B, status=Status.SLOW_DOWN, rel=REL_B, blocks=(1, 2, 3), reason="é"),
-     [h("01 81 04 00" + ID_B + "80060000 00000000 ee040000 01 03 0000"
+     [h("02 81 04 00" + ID_B + "80060000 00000000 ee040000 01 03 0000"
         + "01000000 02000000 03000000"), h("c3a9")]),
     (RelSizeReply(**B, status=Status.OK, rel=REL_B, exists=True, nblocks=0x01020304),
-     [h("01 82 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000 04030201")]),
+     [h("02 82 00 00" + ID_B + "80060000 00000000 ee040000 01 01 0000 04030201")]),
     (RelSizeReply(**B, status=Status.OK, rel=REL_B, exists=False, nblocks=0),
-     [h("01 82 00 00" + ID_B + "80060000 00000000 ee040000 01 00 0000 00000000")]),
+     [h("02 82 00 00" + ID_B + "80060000 00000000 ee040000 01 00 0000 00000000")]),
     (RelSizeReply(**A, status=Status.INVALID_REQUEST, rel=REL_A, reason=""),
-     [h("01 82 02 00" + ID_A + "7f060000 05000000 00400000 00 00 0000 00000000"), b""]),
+     [h("02 82 02 00" + ID_A + "7f060000 05000000 00400000 00 00 0000 00000000"), b""]),
     (DbSizeReply(**C, status=Status.OK, db=0xDEADBEEF, size=0x100000000),
-     [h("01 83 00 00" + ID_C + "efbeadde 00000000 0000000001000000")]),
+     [h("02 83 00 00" + ID_C + "efbeadde 00000000 0000000001000000")]),
     (DbSizeReply(**C, status=Status.INTERNAL_ERROR, db=7, reason="boom"),
-     [h("01 83 03 00" + ID_C + "07000000 00000000 0000000000000000"), h("626f6f6d")]),
+     [h("02 83 03 00" + ID_C + "07000000 00000000 0000000000000000"), h("626f6f6d")]),
     (SlruSegmentReply(**D, status=Status.OK, slru_kind=SlruKind.MULTIXACT_OFFSETS,
                       segno=0x12345, segment=SEG),
-     [h("01 84 00 00" + ID_D + "02 000000 45230100"), SEG]),
+     [h("02 84 00 00" + ID_D + "02 000000 45230100"), SEG]),
     (SlruSegmentReply(**D, status=Status.OK, slru_kind=SlruKind.CLOG, segno=1, segment=b""),
-     [h("01 84 00 00" + ID_D + "00 000000 01000000"), b""]),
+     [h("02 84 00 00" + ID_D + "00 000000 01000000"), b""]),
     (SlruSegmentReply(**D, status=Status.NOT_FOUND, slru_kind=SlruKind.MULTIXACT_MEMBERS,
                       segno=9, reason="gone"),
-     [h("01 84 01 00" + ID_D + "01 000000 09000000"), h("676f6e65")]),
+     [h("02 84 01 00" + ID_D + "01 000000 09000000"), h("676f6e65")]),
 ]
 
 
@@ -375,10 +375,14 @@ def test_bad_reply_bodies_are_rejected():
     err = REPLY_TABLE[1][1]
     seg = REPLY_TABLE[8][1]
     cases = [
-        ok_pages[:2],                                   # one page missing
-        [ok_pages[0], ok_pages[1], ok_pages[2][:-1]],   # short page
-        [ok_pages[0], ok_pages[1], "x" * BLCKSZ],       # str is not bytes
-        [ok_pages[0], ok_pages[1], None],
+        [ok_pages[0][:-BLCKSZ]],                        # one page missing
+        [ok_pages[0][:-1]],                             # short page
+        [ok_pages[0] + b"\0"],                          # a byte too many
+        [ok_pages[0] + b"\0" * BLCKSZ],                 # a page too many
+        [ok_pages[0][:-BLCKSZ], ok_pages[0][-BLCKSZ:]],  # version 1's page frames
+        [ok_pages[0], b""],                             # a second frame
+        ["x" * len(ok_pages[0])],                       # str is not bytes
+        [None],
         [err[0]],                                       # error without reason frame
         [err[0], b"\xff\xfe"],                          # reason not UTF-8
         [err[0], b"x" * (MAX_REASON_BYTES + 1)],        # reason too long
@@ -394,9 +398,11 @@ def test_bad_reply_bodies_are_rejected():
 
 def test_peek_request_id_tolerates_garbage():
     assert peek_request_id(b"") is None
-    assert peek_request_id(b"\x02" + bytes(40)) is None
+    assert peek_request_id(bytes([PROTOCOL_VERSION + 1]) + bytes(40)) is None
+    assert peek_request_id(b"\x01" + bytes(40)) is None  # version 1 is not spoken any more
     assert peek_request_id(None) is None  # type: ignore[arg-type]
-    assert peek_request_id(b"\x01\x63" + bytes(2) + struct.pack("<QI", 9, 2) + bytes(16)) == (9, 2)
+    assert peek_request_id(bytes([PROTOCOL_VERSION, 0x63]) + bytes(2) + struct.pack("<QI", 9, 2)
+                           + bytes(16)) == (9, 2)
 
 
 # ------------------------------------------------------------------ (d) encode-side checks
@@ -470,24 +476,25 @@ def test_encode_get_pages_rejects():
 
 
 # ------------------------------------------------------------------ (e) hot-path helpers
-# decode_get_pages_reply_fast and ok_get_pages_reply_head must agree with the general
+# decode_get_pages_reply_fast and ok_get_pages_reply must agree with the general
 # functions byte for byte: the fast path may only ever say "not mine" (None).
 
 
 def fast_agrees(frames):
-    """The fast decoder accepts exactly the well-formed OK GetPages replies made of bytes
-    frames, with decode_reply's values; anything else (malformed included) is None."""
+    """The fast decoder accepts exactly the well-formed OK GetPages replies (a frame of
+    bytes or any other buffer), with decode_reply's values; anything else (malformed
+    included) is None."""
     fast = decode_get_pages_reply_fast(frames)
     try:
         rep = decode_reply(frames)
     except ProtocolError:
         assert fast is None
         return
-    if (isinstance(rep, GetPagesReply) and rep.status == Status.OK
-            and all(type(f) is bytes for f in frames)):
-        assert fast == (rep.id, rep.attempt, rep.lsn, rep.nms, tuple(rep.rel), rep.blocks,
-                        rep.pages)
+    if isinstance(rep, GetPagesReply) and rep.status == Status.OK:
+        assert fast is not None
+        assert fast[:6] == (rep.id, rep.attempt, rep.lsn, rep.nms, tuple(rep.rel), rep.blocks)
         assert fast[4] == rep.rel
+        assert all(type(p) is bytes for p in fast[6]) and tuple(fast[6]) == rep.pages
     else:
         assert fast is None
 
@@ -506,7 +513,8 @@ def test_fast_decode_agrees_on_valid_replies(msg):
     frames = encode_reply(msg)
     fast_agrees(frames)
     fast_agrees(tuple(frames))
-    fast_agrees([bytearray(f) for f in frames])  # not bytes: left to decode_reply
+    fast_agrees([bytearray(f) for f in frames])  # any buffer, like a zmq.Frame
+    fast_agrees([memoryview(f) for f in frames])
     if isinstance(msg, GetPagesReply) and msg.status == Status.OK:
         assert decode_get_pages_reply_fast(frames) is not None
 
@@ -554,10 +562,10 @@ def test_fast_decode_rejects_non_frame_lists(obj):
 @FAST
 @given(st.builds(GetPagesRequest, u64, u32, st.sampled_from(RequestClass), st.just(0),
                  st.just(0), rels, blocknos), st.data())
-def test_ok_get_pages_reply_head_matches_encode_reply(req, data):
+def test_ok_get_pages_reply_matches_encode_reply(req, data):
     lsn, nms = data.draw(lsns())
     req = GetPagesRequest(req.id, req.attempt, req.cls, lsn, nms, req.rel, req.blocks)
     pages = tuple(data.draw(page) for _ in req.blocks)
-    head = ok_get_pages_reply_head(encode_request(req)[0])
+    frame = ok_get_pages_reply(encode_request(req)[0], pages)
     reply = GetPagesReply(req.id, req.attempt, Status.OK, lsn, nms, req.rel, req.blocks, pages)
-    assert [head, *pages] == encode_reply(reply)
+    assert [frame] == encode_reply(reply)
