@@ -168,6 +168,7 @@ class Communicator:
         w = ShardWorker(self._ctx, shard, k, endpoint,
                         f"inproc://pagecomm-{self._uid}-g{generation}-s{shard}-w{k}",
                         window=self.config.inflight_per_conn,
+                        page_window=self.config.inflight_pages_per_conn,
                         verify=self.config.verify_checksums,
                         attempt_timeout=self.config.attempt_timeout,
                         stuck_after=self.config.stuck_log_after, curve=self._curve)

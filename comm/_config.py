@@ -20,6 +20,7 @@ class CommConfig:
     stripe_size: int = 2048
     threads_per_shard: int = 1
     inflight_per_conn: int = 64
+    inflight_pages_per_conn: int = 256
     slots_per_backend: int = 16
     prefetch_pages: int = 4096
     relsize_cache: int = 4096
@@ -37,6 +38,7 @@ class CommConfig:
         _positive(self, "stripe_size", "COMM_STRIPE_SIZE", 1, 1 << 31)
         _positive(self, "threads_per_shard", "COMM_THREADS_PER_SHARD", 1, 64)
         _positive(self, "inflight_per_conn", "COMM_INFLIGHT_PER_CONN", 1, 65536)
+        _positive(self, "inflight_pages_per_conn", "COMM_INFLIGHT_PAGES_PER_CONN", 1, 1 << 24)
         _positive(self, "slots_per_backend", "COMM_SLOTS_PER_BACKEND", 1, 65535)
         _positive(self, "prefetch_pages", "COMM_PREFETCH_PAGES", 0, 1 << 24)
         _positive(self, "relsize_cache", "COMM_RELSIZE_CACHE", 0, 1 << 24)

@@ -62,6 +62,7 @@ STOP = b""  # pipe message that stops a worker
 DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
+_RANDOM_HOLD = 0.05  # single-page reads seen this recently keep the page window closed
 _RETRY_CAP = 0.5
 _NORMAL = 0  # RequestClass.NORMAL
 _GET_PAGES = int(Kind.GET_PAGES)
@@ -117,11 +118,20 @@ class ShardWorker:
     """One thread, one pipe, one connection. Created and started by the Communicator."""
 
     def __init__(self, ctx: zmq.Context, shard: int, index: int, server: str, pipe: str, *,
-                 window: int, verify: bool, attempt_timeout: float = 10.0,
+                 window: int, verify: bool, page_window: int = 256,
+                 attempt_timeout: float = 10.0,
                  stuck_after: float = 10.0, curve: tuple[str, str] | None = None) -> None:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self._prefetch_window = max(1, window - max(1, window // 4))
+        # Pages in flight, bounded by page_window while single-page foreground reads
+        # are about (one in flight, or sent in the last _RANDOM_HOLD seconds), so that
+        # such a read never queues at the server behind more than ~page_window pages
+        # of bulk work; without them, batches may fill the whole request window.
+        self.page_window = page_window
+        self._pages = 0  # pages in flight (worker thread only)
+        self._singles = 0  # single-page requests in flight (worker thread only)
+        self._single_sent = -1e9  # when the last one was sent (worker thread only)
         self.attempt_timeout, self.stuck_after = attempt_timeout, stuck_after
         self.curve = curve  # (client secret file, server public key file) or None
         self._logged: set[int] = set()  # request ids already logged as stuck
@@ -243,19 +253,47 @@ class ShardWorker:
                 self._enqueue(job)
 
     def _room(self, job: Any) -> bool:
-        """Prefetches may fill only part of the window: a foreground read always finds
-        a place on the wire without waiting behind them."""
-        limit = self.window if job.cls == _NORMAL else self._prefetch_window
-        return len(self._inflight) < limit
+        """Prefetches may fill only 3/4 of the windows (requests and pages): a
+        foreground read always finds a place on the wire without waiting behind them.
+        A single-page foreground read needs only a request slot; multi-page requests
+        also need room in the page window (or an empty one, so any request can go)."""
+        n, pages = len(job.blocks), self._pages
+        if job.cls == _NORMAL:
+            if len(self._inflight) >= self.window:
+                return False
+            if n <= 1 or not pages:
+                return True
+            limit = self.page_window
+        else:
+            if len(self._inflight) >= self._prefetch_window:
+                return False
+            if not pages:
+                return True
+            limit = self.page_window - max(1, self.page_window // 4)
+        if not self._singles and time.monotonic() - self._single_sent > _RANDOM_HOLD:
+            return True  # no single-page reads about: nobody to wait behind the batches
+        return pages + n <= limit
 
     def _enqueue(self, job: Any) -> None:
-        job.qkey = (job.cls, next(self._seq), job)
+        # foreground first, and among them single pages before batches: the shortest
+        # jobs first keep random reads fast beside scans
+        job.qkey = (job.cls, len(job.blocks) > 1, next(self._seq), job)
         self._queue.add(job.qkey)
+
+    def _untrack(self, rid: int) -> tuple[Any, float] | None:
+        """Take request ``rid`` off the in-flight table (None if it is not there)."""
+        entry = self._inflight.pop(rid, None)
+        if entry is not None:
+            n = len(entry[0].blocks)
+            self._pages -= n
+            if n == 1:  # by size only: a class may change (promotion) while in flight
+                self._singles -= 1
+        return entry
 
     def _pump(self) -> None:
         q = self._queue
         while q and not self._blocked:
-            job = q[0][2]
+            job = q[0][-1]
             if not self._room(job):
                 return
             q.pop(0)
@@ -279,7 +317,13 @@ class ShardWorker:
             self._enqueue(job)
             return
         job.sent = True
-        self._inflight[rid] = (job, time.monotonic())
+        now = time.monotonic()
+        self._inflight[rid] = (job, now)
+        n = len(job.blocks)
+        self._pages += n
+        if n == 1:
+            self._singles += 1
+            self._single_sent = now
         self.stats.sent += 1
 
     @staticmethod
@@ -318,7 +362,7 @@ class ShardWorker:
                 job = entry[0]
                 if (job.kind == _GET_PAGES and attempt == job.attempt and lsn == job.lsn
                         and nms == job.nms and blocks == job.blocks and rel == job.rel):
-                    del self._inflight[rid]
+                    self._untrack(rid)
                     self._complete_ok(job, pages)
                     return
         # everything else (errors, other kinds, stale or mismatched replies, garbage)
@@ -328,7 +372,7 @@ class ShardWorker:
             self.stats.bad_replies += 1
             self._reset(f"malformed reply: {e}")
             return
-        entry = self._inflight.pop(rep.id, None)
+        entry = self._untrack(rep.id)
         if entry is None:  # answer to a request we already timed out or reset
             self.stats.stale_replies += 1
             return
@@ -393,7 +437,7 @@ class ShardWorker:
         self._retry_inflight(f"connection reset ({why})")
 
     def _retry_inflight(self, why: str) -> None:
-        inflight, self._inflight = self._inflight, {}
+        inflight, self._inflight, self._pages, self._singles = self._inflight, {}, 0, 0
         for job, _ in inflight.values():
             if not self._retry(job):
                 self.stats.errors += 1
@@ -406,21 +450,21 @@ class ShardWorker:
         for rid, (job, sent) in list(self._inflight.items()):
             age = now - sent
             if job.deadline <= now:
-                del self._inflight[rid]
+                self._untrack(rid)
                 self._timeout(job)
             elif age >= self.attempt_timeout and self._retry(job):
-                del self._inflight[rid]  # a late reply to this attempt is dropped as stale
+                self._untrack(rid)  # a late reply to this attempt is dropped as stale
             elif age >= self.stuck_after and rid not in self._logged:
                 self._logged.add(rid)
                 log.warning("%s: request stuck for %.1fs: %s", self.name, age,
                             {**job.describe(), "request_id": rid})
         self._logged.intersection_update(self._inflight)
         if self._queue:
-            dead = [e for e in self._queue if e[2].deadline <= now or not e[2].is_live()]
+            dead = [e for e in self._queue if e[-1].deadline <= now or not e[-1].is_live()]
             for e in dead:
                 self._queue.remove(e)
-                e[2].qkey = None
-                self._timeout(e[2])
+                e[-1].qkey = None
+                self._timeout(e[-1])
 
     def _timeout(self, job: Any) -> None:
         self.stats.timeouts += 1
@@ -434,10 +478,11 @@ class ShardWorker:
         err = CommClosed("the communicator is closed")
         pending = list(self.inbox)
         self.inbox.clear()
-        pending += [e[2] for e in self._queue] + [j for j, _ in self._inflight.values()]
+        pending += [e[-1] for e in self._queue] + [j for j, _ in self._inflight.values()]
         pending += [e[2] for e in self._delayed]
         self._queue.clear()
         self._inflight.clear()
+        self._pages = self._singles = 0
         self._delayed.clear()
         for job in pending:
             job.fail(err)

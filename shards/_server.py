@@ -8,9 +8,10 @@ One thread owns the ROUTER socket and runs a loop:
    request should be re-checked, the stop flag should be looked at);
 2. DRAIN every queued request without blocking into one batch (up to max_batch);
 3. sort the batch with the parked requests, NORMAL before PREFETCH before
-   BACKGROUND (arrival order within a class), so a foreground read never waits
-   behind prefetches that happened to arrive first; requests beyond ``max_queue``
-   are answered SLOW_DOWN at once;
+   BACKGROUND, and within a class single pages before batches (then arrival
+   order), so a foreground read never waits behind prefetches that happened to
+   arrive first, nor a random read behind a scan's batches; requests beyond
+   ``max_queue`` are answered SLOW_DOWN at once;
 4. serve the whole batch in ONE read transaction of the store (one snapshot);
    a request whose not_modified_since is above the store's last_lsn is PARKED
    and re-tried on later iterations until ``lsn_wait`` seconds have passed, so it
@@ -86,6 +87,10 @@ class _Pending:
     arrival: float
     seq: int
     frame: bytes  # the request as received: an OK GetPages reply echoes its rel and blocks
+
+    def order(self) -> tuple[int, bool, int]:
+        """Serving order: class, then single pages before batches, then arrival."""
+        return self.req.cls, len(getattr(self.req, "blocks", ())) > 1, self.seq
 
 
 class PageServer:
@@ -316,7 +321,7 @@ class PageServer:
                counts: Counter[str]) -> None:
         work = self._parked + batch
         self._parked = []
-        work.sort(key=lambda p: (p.req.cls, p.seq))
+        work.sort(key=_Pending.order)
         for p in work[self.max_queue:]:  # the lowest classes, the latest arrivals
             self._emit(sock, None, p, error_reply(
                 p.req, Status.SLOW_DOWN, f"server queue is full ({self.max_queue} requests)"),

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._config import CommConfig
 from . import _report
 from ._setup import Dataset, Params
 from ._workloads import WORKLOADS, run_cell
@@ -74,6 +75,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-shard", type=int, default=1, help="pagecomm workers per shard")
     p.add_argument("--inflight", type=int, default=64,
                    help="in-flight window per connection (pagecomm and raw)")
+    p.add_argument("--inflight-pages", type=int, default=CommConfig.inflight_pages_per_conn,
+                   help="pages of multi-page requests in flight per connection (pagecomm)")
     p.add_argument("--latency-ms", type=_floats, default=None,
                    help="injected server latencies (list, default 0,0.5)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per cell")
@@ -140,7 +143,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.pages_per_rel < args.scan_batch or args.scan_batch > 32:
         sys.exit("bench: need --pages-per-rel >= --scan-batch and --scan-batch <= 32")
     params = Params(shards=args.shards, threads_per_shard=args.threads_per_shard,
-                    inflight=args.inflight, duration=args.duration, rels=args.rels,
+                    inflight=args.inflight,
+                    inflight_pages=args.inflight_pages, duration=args.duration, rels=args.rels,
                     pages_per_rel=args.pages_per_rel, scan_batch=args.scan_batch,
                     distance=args.distance, prefetch_pages=args.prefetch_pages)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class PagecommDesign:
         buffer = prefetch_buffer_pages(p, backends)
         cfg = CommConfig(shards=tuple(endpoints), stripe_size=ds.stripe,
                          threads_per_shard=p.threads_per_shard, inflight_per_conn=p.inflight,
+                         inflight_pages_per_conn=p.inflight_pages,
                          prefetch_pages=buffer)
         self.comm = Communicator(config=cfg)
 

@@ -204,6 +204,7 @@ class _ProcCell:
                "COMM_STRIPE_SIZE": str(ds.stripe),
                "COMM_THREADS_PER_SHARD": str(p.threads_per_shard),
                "COMM_INFLIGHT_PER_CONN": str(p.inflight),
+               "COMM_INFLIGHT_PAGES_PER_CONN": str(p.inflight_pages),
                "COMM_PREFETCH_PAGES": str(prefetch_buffer_pages(p, self.n))}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_PARENT, env.get("PYTHONPATH")]))
         self._err = tempfile.TemporaryFile(prefix="comm-serve-stderr-")

@@ -56,6 +56,7 @@ class Params:
     shards: int = 4
     threads_per_shard: int = 1
     inflight: int = 64
+    inflight_pages: int = 256
     duration: float = 3.0
     rels: int = 8
     pages_per_rel: int = 16384

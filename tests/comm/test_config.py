@@ -11,12 +11,14 @@ def test_defaults_are_valid():
 def test_from_env_reads_every_variable():
     env = {"COMM_SHARDS": "tcp://127.0.0.1:1, tcp://127.0.0.1:2", "COMM_STRIPE_SIZE": "16",
            "COMM_THREADS_PER_SHARD": "2", "COMM_INFLIGHT_PER_CONN": "8",
+           "COMM_INFLIGHT_PAGES_PER_CONN": "96",
            "COMM_SLOTS_PER_BACKEND": "4", "COMM_PREFETCH_PAGES": "100",
            "COMM_REQUEST_TIMEOUT": "2.5", "COMM_METRICS_PORT": "0",
            "COMM_VERIFY_CHECKSUMS": "yes", "UNRELATED": "x"}
     cfg = CommConfig.from_env(env)
     assert cfg.shards == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
     assert (cfg.stripe_size, cfg.threads_per_shard, cfg.inflight_per_conn) == (16, 2, 8)
+    assert cfg.inflight_pages_per_conn == 96
     assert (cfg.slots_per_backend, cfg.prefetch_pages) == (4, 100)
     assert cfg.request_timeout == 2.5 and cfg.metrics_port == 0 and cfg.verify_checksums
 
@@ -29,6 +31,7 @@ def test_overrides_win_over_env():
 @pytest.mark.parametrize("var,value", [
     ("COMM_STRIPE_SIZE", "abc"), ("COMM_STRIPE_SIZE", "0"), ("COMM_THREADS_PER_SHARD", "-1"),
     ("COMM_INFLIGHT_PER_CONN", "1.5"), ("COMM_SLOTS_PER_BACKEND", "0"),
+    ("COMM_INFLIGHT_PAGES_PER_CONN", "0"),
     ("COMM_PREFETCH_PAGES", "-5"), ("COMM_REQUEST_TIMEOUT", "soon"),
     ("COMM_REQUEST_TIMEOUT", "0"), ("COMM_METRICS_PORT", "70000"),
     ("COMM_VERIFY_CHECKSUMS", "maybe"), ("COMM_SHARDS", "localhost:6400"),

@@ -196,6 +196,37 @@ def test_priorities_within_a_drained_batch(serve) -> None:
         del srv.store.reader
 
 
+def test_single_pages_before_batches_within_a_class(serve) -> None:
+    srv, c = serve(latency=0.0)
+    orig = srv.store.reader
+    gate = {"hold": True}
+
+    def slow_reader():
+        while gate["hold"]:
+            time.sleep(0.01)
+        return orig()
+
+    srv.store.reader = slow_reader  # type: ignore[method-assign]
+    try:
+        c.send(c.get([0]))  # the loop takes this one and blocks in slow_reader
+        time.sleep(0.1)
+        sent = []
+        for cls, blocks in ((NORMAL, [1, 2]), (PREFETCH, [3]), (NORMAL, [4]), (NORMAL, [5, 6]),
+                            (NORMAL, [7])):
+            req = c.get(blocks, cls=cls)
+            sent.append((req.id, (cls, len(blocks))))
+            c.send(req)
+        time.sleep(0.2)
+        gate["hold"] = False
+        assert c.recv().id == 1
+        by_id = dict(sent)
+        got = [by_id[c.recv().id] for _ in sent]
+        assert got == [(NORMAL, 1), (NORMAL, 1), (NORMAL, 2), (NORMAL, 2), (PREFETCH, 1)]
+    finally:
+        gate["hold"] = False
+        del srv.store.reader
+
+
 def test_lsn_wait_then_error_without_blocking_others(serve, store: PageStore) -> None:
     srv, c = serve(lsn_wait=0.3)
     t0 = time.monotonic()

@@ -1,0 +1,61 @@
+"""The worker's page window: batches are held back while single-page reads wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fakeserver import FakeServer
+
+import comm
+from comm import RelTag
+
+REL = RelTag(1663, 5, 16384)
+pytestmark = pytest.mark.timeout(60)
+
+
+def _wait_for(pred, limit: float = 5.0) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_batches_wait_behind_a_single_page_read_then_flow():
+    cfg = comm.CommConfig(inflight_pages_per_conn=64, request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True  # requests are counted, never answered
+        errors: list[BaseException] = []
+
+        def single() -> None:
+            with c.backend() as be:
+                try:
+                    be.get_page(REL, 5, lsn=100, timeout=1.0)
+                except comm.RequestTimeout as e:
+                    errors.append(e)
+
+        t = threading.Thread(target=single)
+        t.start()
+        assert _wait_for(lambda: srv.requests == 1)
+        with c.backend() as be:
+            assert be.prefetch(REL, range(100, 356), lsn=100) == 256  # 8 requests of 32
+            # prefetches may use 3/4 of the 64-page window while a single read is out:
+            # one 32-page request (1 + 32 <= 48 pages), the other seven wait
+            time.sleep(0.3)
+            assert srv.requests == 2
+            t.join(10)
+            assert len(errors) == 1
+            # the single read gave up (deadline): nothing to protect, the rest flows
+            assert _wait_for(lambda: srv.requests == 9)
+
+
+def test_batches_use_the_request_window_without_single_reads():
+    cfg = comm.CommConfig(inflight_pages_per_conn=64, request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True
+        with c.backend() as be:
+            assert be.prefetch(REL, range(100, 356), lsn=100) == 256
+            assert _wait_for(lambda: srv.requests == 8)
