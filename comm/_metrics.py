@@ -121,6 +121,8 @@ _SHARD_COUNTERS = (
     ("resets", "pagecomm_resets_total",
      "Connections dropped and replaced after a malformed or mismatched reply"),
     ("reconnects", "pagecomm_reconnects_total", "Times a connection to the server was lost"),
+    ("coalesced", "pagecomm_coalesced_total",
+     "Foreground reads that shared another read's wire request (same relation and LSNs)"),
 )
 _SHARD_GAUGES = (
     ("queued", "pagecomm_queue_depth",

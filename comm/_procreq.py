@@ -107,6 +107,8 @@ class WireJob:
         self.shard, self.extra, self.on_result = shard, extra, on_result
         self.attempt, self.qkey, self.sent = 0, None, False
 
+    batchable = True  # a worker may put it in one wire request with others (_batch.py)
+
     def is_live(self) -> bool:
         return not self.preq.abandoned
 

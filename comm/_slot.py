@@ -42,6 +42,8 @@ class Slot:
                  "deadline", "attempt", "extra", "shard", "qkey", "sent", "state", "result",
                  "error", "parts", "_lock", "_done")
 
+    batchable = True  # a worker may put it in one wire request with others (_batch.py)
+
     def __init__(self, index: int, key: int, owner: str) -> None:
         self.index = index
         self.key = key

@@ -52,6 +52,7 @@ from shards.protocol import (
     encode_request,
 )
 
+from ._batch import Batch, coalesce
 from ._conn import Connection
 from ._errors import CommClosed, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, result_of
@@ -103,12 +104,12 @@ class WorkerStats:
     """Counters written only by the worker thread; read (racily, that is fine) by stats()."""
 
     __slots__ = ("queued", "inflight", "sent", "completed", "errors", "timeouts", "retries",
-                 "stale_replies", "bad_replies", "resets", "pages")
+                 "stale_replies", "bad_replies", "resets", "pages", "coalesced", "splits")
 
     def __init__(self) -> None:
         self.queued = self.inflight = self.sent = self.completed = self.errors = 0
         self.timeouts = self.retries = self.stale_replies = self.bad_replies = 0
-        self.resets = self.pages = 0
+        self.resets = self.pages = self.coalesced = self.splits = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -238,6 +239,7 @@ class ShardWorker:
 
     def _take_inbox(self) -> None:
         inbox, queue = self.inbox, self._queue
+        jobs = []
         while inbox:
             job = inbox.popleft()
             if job.qkey is not None:  # promoted while queued here: re-sort it
@@ -247,7 +249,14 @@ class ShardWorker:
                 continue
             if not job.is_live():
                 job.fail(CommClosed("abandoned before it was sent"))  # releases it
-            elif not queue and not self._blocked and self._room(job):
+            else:
+                jobs.append(job)
+        if len(jobs) > 1:  # reads of one relation share a wire request (see _batch.py)
+            n = len(jobs)
+            jobs = coalesce(jobs)
+            self.stats.coalesced += n - len(jobs)
+        for job in jobs:
+            if not queue and not self._blocked and self._room(job):
                 self._send(job)
             else:
                 self._enqueue(job)
@@ -387,6 +396,8 @@ class ShardWorker:
             self._complete_ok(job, result_of(rep))
         elif rep.status == Status.SLOW_DOWN and self._retry(job):
             return
+        elif type(job) is Batch and rep.status != Status.SLOW_DOWN:
+            self._split(job)  # the status may concern some blocks only: ask one by one
         else:
             self.stats.errors += 1
             job.fail(error_for(job, rep))
@@ -411,6 +422,14 @@ class ShardWorker:
         done, self._done = self._done, []
         for job, result in done:
             job.complete(result)
+
+    def _split(self, batch: Batch) -> None:
+        self.stats.splits += 1
+        for m in batch.members:
+            if m.is_live():
+                self._enqueue(m)
+            else:
+                m.fail(CommClosed("abandoned while batched"))  # releases it
 
     def _retry(self, job: Any) -> bool:
         """Schedule another attempt with capped exponential backoff, if the deadline allows."""
