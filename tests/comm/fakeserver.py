@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -42,6 +43,8 @@ class FakeServer:
         self.status: Status | None = None
         self.mangle = False
         self.garbage = False
+        self.delay = 0.0  # seconds before answering each request
+        self.log: list[tuple[int, ...]] = []  # blocks of each GetPages request received
         self.requests = 0
         self.pages = 0
         self._ctx = zmq.Context.instance()
@@ -73,6 +76,8 @@ class FakeServer:
                 self.requests += 1
                 if self.frozen:
                     continue
+                if self.delay:
+                    time.sleep(self.delay)
                 s.send_multipart([ident, *self._answer(frames)])
         finally:
             s.close(0)
@@ -85,6 +90,7 @@ class FakeServer:
             return encode_reply(error_reply(req, self.status, "forced by test"))
         common = (req.id, req.attempt, Status.OK, req.lsn, req.nms)
         if isinstance(req, GetPagesRequest):
+            self.log.append(req.blocks)
             if any(b >= self.nblocks for b in req.blocks):
                 return encode_reply(error_reply(req, Status.NOT_FOUND, "block beyond end"))
             blocks = req.blocks

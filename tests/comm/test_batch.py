@@ -1,0 +1,124 @@
+"""Coalescing foreground reads of one relation into one wire request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from fakeserver import FakeServer, fake_page
+
+import comm
+from comm import RelTag
+from comm._batch import Batch, coalesce
+
+REL = RelTag(1663, 5, 16384)
+OTHER = RelTag(1663, 5, 16385)
+pytestmark = pytest.mark.timeout(60)
+
+
+class Job:
+    """A stand-in with the worker's job interface."""
+
+    batchable = True
+
+    def __init__(self, rel: Any, blocks: tuple[int, ...], lsn: int = 10, nms: int = 10,
+                 cls: int = 0, kind: int = 1, deadline: float = 1.0) -> None:
+        self.rel, self.blocks, self.lsn, self.nms = rel, blocks, lsn, nms
+        self.cls, self.kind, self.deadline, self.shard = cls, kind, deadline, 0
+        self.got: Any = None
+        self.live = True
+
+    def is_live(self) -> bool:
+        return self.live
+
+    def complete(self, pages: Any) -> bool:
+        self.got = list(pages)
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        self.got = error
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"blocks": list(self.blocks)}
+
+
+def test_coalesce_groups_by_relation_and_lsns_in_order():
+    a, b, c = Job(REL, (1,)), Job(OTHER, (2,)), Job(REL, (3,))
+    d, e = Job(REL, (4,), lsn=11), Job(REL, (5,), cls=1)  # another LSN; a prefetch
+    f = Job(REL, (6,), kind=2)  # not GetPages
+    out = coalesce([a, b, c, d, e, f])
+    assert isinstance(out[0], Batch) and out[0].members == [a, c] and out[0].blocks == (1, 3)
+    assert out[1:] == [b, d, e, f]
+
+
+def test_coalesce_leaves_unbatchable_jobs_and_caps_at_32_blocks():
+    class Plain(Job):
+        batchable = False
+
+    jobs = [Job(REL, (i,)) for i in range(40)] + [Plain(REL, (99,))]
+    out = coalesce(jobs)
+    assert [len(x.blocks) for x in out] == [32, 8, 1] and out[2] is jobs[-1]
+    assert max(x.deadline for x in out[:2]) == 1.0
+
+
+def test_batch_asks_a_shared_block_once_and_completes_each_member():
+    a, b = Job(REL, (7,), deadline=2.0), Job(REL, (7, 9), deadline=5.0)
+    batch = Batch([a, b])
+    assert batch.blocks == (7, 9) and batch.deadline == 5.0
+    batch.complete([b"p7", b"p9"])
+    assert a.got == [b"p7"] and b.got == [b"p7", b"p9"]
+    a.live = False
+    assert batch.is_live()
+    b.live = False
+    assert not batch.is_live()
+    err = RuntimeError("x")
+    batch.fail(err)
+    assert a.got is err and b.got is err
+    assert batch.describe()["batched"] == 2
+
+
+def _one_round(c: comm.Communicator, srv: FakeServer) -> dict[int, Any]:
+    results: dict[int, Any] = {}
+
+    def read(blk: int) -> None:
+        with c.backend() as be:
+            try:
+                results[blk] = be.get_page(REL, blk, lsn=100)
+            except comm.CommError as e:
+                results[blk] = e
+
+    first = threading.Thread(target=read, args=(1,))
+    first.start()
+    time.sleep(0.1)  # block 1 holds the one-request window for srv.delay seconds
+    rest = [threading.Thread(target=read, args=(b,)) for b in (5, 6, 5000)]
+    for t in rest:
+        t.start()
+    for t in [first, *rest]:
+        t.join(10)
+    return results
+
+
+def test_reads_taken_together_share_a_request_and_errors_stay_their_own():
+    cfg = comm.CommConfig(inflight_per_conn=1, request_timeout=5)
+    with FakeServer(nblocks=1000) as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        with c.backend() as be:  # connect first
+            be.get_page(REL, 0, lsn=100)
+        srv.delay = 0.3
+        # the three reads that wait behind block 1 are usually taken in one wakeup of
+        # the worker (it may also wake for its 20 ms sweep between them): a few rounds
+        for _ in range(5):
+            results = _one_round(c, srv)
+            assert results[1] == fake_page(REL, 1, 100)
+            assert results[5] == fake_page(REL, 5, 100)
+            assert results[6] == fake_page(REL, 6, 100)
+            assert isinstance(results[5000], comm.PageNotFound) and "5000" in str(results[5000])
+            if c.stats()["shards"][0]["splits"]:
+                break
+        shard = c.stats()["shards"][0]
+        assert shard["coalesced"] >= 1 and shard["splits"] >= 1
+        # a batch that held block 5000 failed as a whole, then went out one by one
+        batched = [blocks for blocks in srv.log if 5000 in blocks and len(blocks) > 1]
+        assert batched and all((b,) in srv.log for b in batched[0])
