@@ -41,6 +41,7 @@ from ._validate import check_lsns, check_rel, check_timeout
 from ._worker import Doorbells
 
 log = logging.getLogger(__name__)
+_POLLIN, _NOBLOCK, _EVENTS = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS)  # plain ints
 _LIVENESS_INTERVAL = 0.2
 
 
@@ -140,8 +141,8 @@ class CommServer:
             router.close(0)
 
     def _drain(self, router: zmq.Socket) -> None:
-        while int(router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            frames = router.recv_multipart(zmq.NOBLOCK)
+        while router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int
+            frames = router.recv_multipart(_NOBLOCK)
             if len(frames) != 2 or not frames[1]:
                 continue
             ident, msg = frames

@@ -67,7 +67,9 @@ _RANDOM_HOLD = 0.05  # single-page reads seen this recently keep the page window
 _RETRY_CAP = 0.5
 _NORMAL = 0  # RequestClass.NORMAL
 _GET_PAGES = int(Kind.GET_PAGES)
-_POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = zmq.POLLIN, zmq.NOBLOCK, zmq.EVENTS, zmq.RCVMORE
+# plain ints: `int & zmq.POLLIN` would build an IntFlag member on every call
+_POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS),
+                                        int(zmq.RCVMORE))
 
 
 class Doorbells:
@@ -232,8 +234,9 @@ class ShardWorker:
 
     # ------------------------------------------------------------ intake
     def _drain_pipe(self, pull: zmq.Socket) -> None:
-        while int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # doorbells: the jobs are in the inbox
-            if pull.recv(zmq.NOBLOCK) == STOP:
+        # doorbells: the jobs are in the inbox (EVENTS is an int)
+        while pull.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+            if pull.recv(_NOBLOCK) == STOP:
                 self._stopping = True
                 return
 
@@ -320,7 +323,7 @@ class ShardWorker:
         else:
             frame = self._encode_other(rid, job)
         try:
-            self._conn.dealer.send(frame, zmq.NOBLOCK)
+            self._conn.dealer.send(frame, _NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE): keep it, wait until writable
             self._blocked = True
             self._enqueue(job)
@@ -356,7 +359,7 @@ class ShardWorker:
         # An OK GetPages reply is one frame of up to 256 KB: taken without a copy, its
         # pages are copied out once by the decoder.
         recv, get, on_reply = dealer.recv, dealer.get, self._on_reply
-        while conn.generation == generation and int(get(_EVENTS)) & _POLLIN:
+        while conn.generation == generation and get(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int
             frames = [recv(_NOBLOCK, copy=False)]
             while get(_RCVMORE):
                 frames.append(recv(_NOBLOCK, copy=False))

@@ -77,7 +77,7 @@ _HWM = 10_000
 # counter keys, built once: an f-string and an enum .name per request add up
 _REQUEST_KEYS = {k: f"requests.{k.name}" for k in Kind}
 _CLASS_KEYS = {c: f"classes.{c.name}" for c in RequestClass}
-_NOBLOCK, _SNDMORE = zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)  # plain ints: no IntFlag ops
 
 
 @dataclass(slots=True)
@@ -290,7 +290,7 @@ class PageServer:
         now = time.monotonic()
         for _ in range(self.max_batch):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
             # a DEALER sends [id, request]; a REQ adds an empty delimiter [id, b"", request]
