@@ -242,9 +242,13 @@ class ShardWorker:
 
     def _take_inbox(self) -> None:
         inbox, queue = self.inbox, self._queue
-        jobs = []
+        jobs: list[Any] = []
+        taken: set[int] = set()
         while inbox:
             job = inbox.popleft()
+            if id(job) in taken:  # promoted twice (two readers joined it): once is enough
+                continue
+            taken.add(id(job))
             if job.qkey is not None:  # promoted while queued here: re-sort it
                 queue.remove(job.qkey)
                 job.qkey = None

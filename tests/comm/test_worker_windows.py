@@ -59,3 +59,30 @@ def test_batches_use_the_request_window_without_single_reads():
         with c.backend() as be:
             assert be.prefetch(REL, range(100, 356), lsn=100) == 256
             assert _wait_for(lambda: srv.requests == 8)
+
+
+class _Dealer:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        self.frames.append(frame)
+
+
+def test_a_job_promoted_twice_in_one_take_is_sent_once():
+    import types
+
+    import zmq
+
+    from comm._communicator import PrefetchJob
+    from comm._worker import ShardWorker
+    from prefetch import PrefetchBuffer
+
+    w = ShardWorker(zmq.Context.instance(), 0, 0, "tcp://127.0.0.1:1", "inproc://unused",
+                    window=8, verify=False)
+    dealer = _Dealer()
+    w._conn = types.SimpleNamespace(dealer=dealer)  # type: ignore[assignment]
+    job = PrefetchJob(PrefetchBuffer(64), "b", REL, (1, 2), 10, 10, time.monotonic() + 5, 0)
+    w.inbox.extend([job, job])  # two readers joined it and both handed it back
+    w._take_inbox()
+    assert len(dealer.frames) == 1 and job.sent
