@@ -3,9 +3,11 @@ malformed frames, latency overlap, fault injection, stop/start."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -162,11 +164,11 @@ def test_sharding(serve) -> None:
         assert r.status == Status.INVALID_REQUEST and "shard 0" in r.reason
 
 
-def test_priorities_within_a_drained_batch(serve) -> None:
-    srv, c = serve(latency=0.0)
-    # freeze the loop in a long batch window: queue prefetches, then normals, then let it run
+@contextlib.contextmanager
+def _held_loop(srv: PageServer, c: Any) -> Iterator[dict[str, bool]]:
+    """Hold the server loop in a batch (its store reader waits on the gate) after
+    sending request 1, so that what the test sends next is drained as one batch."""
     orig = srv.store.reader
-
     gate = {"hold": True}
 
     def slow_reader():
@@ -178,6 +180,16 @@ def test_priorities_within_a_drained_batch(serve) -> None:
     try:
         c.send(c.get([0]))  # the loop takes this one and blocks in slow_reader
         time.sleep(0.1)
+        yield gate
+    finally:
+        gate["hold"] = False
+        del srv.store.reader
+
+
+def test_priorities_within_a_drained_batch(serve) -> None:
+    srv, c = serve(latency=0.0)
+    # freeze the loop in a long batch window: queue prefetches, then normals, then let it run
+    with _held_loop(srv, c) as gate:
         order = []
         for cls in (BACKGROUND, PREFETCH, PREFETCH, NORMAL, NORMAL):
             req = c.get([1], cls=cls)
@@ -191,25 +203,11 @@ def test_priorities_within_a_drained_batch(serve) -> None:
         by_id = dict(order)
         classes = [by_id[i] for i in got]
         assert classes == [NORMAL, NORMAL, PREFETCH, PREFETCH, BACKGROUND]
-    finally:
-        gate["hold"] = False
-        del srv.store.reader
 
 
 def test_single_pages_before_batches_within_a_class(serve) -> None:
     srv, c = serve(latency=0.0)
-    orig = srv.store.reader
-    gate = {"hold": True}
-
-    def slow_reader():
-        while gate["hold"]:
-            time.sleep(0.01)
-        return orig()
-
-    srv.store.reader = slow_reader  # type: ignore[method-assign]
-    try:
-        c.send(c.get([0]))  # the loop takes this one and blocks in slow_reader
-        time.sleep(0.1)
+    with _held_loop(srv, c) as gate:
         sent = []
         for cls, blocks in ((NORMAL, [1, 2]), (PREFETCH, [3]), (NORMAL, [4]), (NORMAL, [5, 6]),
                             (NORMAL, [7])):
@@ -222,9 +220,6 @@ def test_single_pages_before_batches_within_a_class(serve) -> None:
         by_id = dict(sent)
         got = [by_id[c.recv().id] for _ in sent]
         assert got == [(NORMAL, 1), (NORMAL, 1), (NORMAL, 2), (NORMAL, 2), (PREFETCH, 1)]
-    finally:
-        gate["hold"] = False
-        del srv.store.reader
 
 
 def test_lsn_wait_then_error_without_blocking_others(serve, store: PageStore) -> None:
