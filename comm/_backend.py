@@ -104,7 +104,12 @@ class Backend:
             kind, val = self._buffer.lookup(rel, blkno, lsn, nms, (slot, 0))
             if kind == JOINED:
                 counts["joins"] += 1
-                self._promote(val)
+                try:
+                    self._promote(val)
+                except BaseException:  # e.g. closed meanwhile: the slot must not be lost
+                    slot.seal()
+                    self._give_up(slot)
+                    raise
                 slot.seal()
                 try:
                     return self._wait(slot, deadline)[0]
@@ -203,8 +208,13 @@ class Backend:
         missing, joined, jobs = self._buffer.lookup_many(rel, blks, lsn, nms, join, out)
         self._counts["joins"] += joined
         self._counts["hits"] += n - joined - len(missing)
-        for job in jobs:
-            self._promote(job)
+        try:
+            for job in jobs:
+                self._promote(job)
+        except BaseException:  # e.g. closed meanwhile: the slot must not be lost
+            join.deliver_parts([], n - joined + 1)
+            self._give_up(join)
+            raise
         join.deliver_parts([], n - joined + 1)  # give back the parts not joined + the seal
         return join, missing
 

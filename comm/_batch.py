@@ -12,10 +12,14 @@ up to 32 distinct blocks and completes each member with its own pages.
 A batch has the worker's job interface, so queueing, the windows, retries on
 SLOW_DOWN and on a lost connection, deadlines and the reply checks all apply
 to it unchanged. Its deadline is its latest member's: every backend enforces its
-own deadline itself, so an earlier member still times out on time. A status
-that may concern only some blocks (NOT_FOUND, INVALID_REQUEST after a split, an
-INTERNAL_ERROR) is never given to all members: the worker splits the batch and
-sends each member on its own, so each gets its own answer.
+own deadline itself, so an earlier member still times out on time (its slot
+stays out of the backend's ring until the batch is answered or expires). A
+status that may concern only some blocks (NOT_FOUND for a block, INVALID_REQUEST
+such as a block another shard owns after a split) is never given to all members:
+the worker splits the batch and sends each member on its own, so each gets its
+own answer. Statuses that concern the whole request (a missing relation, an
+overloaded or failing server) go to every member. With checksum verification, a
+bad page fails only the members that asked for it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class Batch:
     """Members sharing kind GET_PAGES, class NORMAL, rel, lsn and nms."""
 
     __slots__ = ("kind", "cls", "rel", "blocks", "lsn", "nms", "deadline", "attempt", "extra",
-                 "shard", "qkey", "sent", "members", "_index")
+                 "shard", "qkey", "sent", "members", "singles", "_index")
 
     def __init__(self, members: list[Any]) -> None:
         first = members[0]
@@ -47,6 +51,7 @@ class Batch:
         self.deadline = max(m.deadline for m in members)
         self.attempt, self.extra, self.qkey, self.sent = 0, None, None, False
         self.members = members
+        self.singles = all(len(m.blocks) == 1 for m in members)  # random reads, not a scan
         self._index = index
 
     def is_live(self) -> bool:
@@ -62,6 +67,16 @@ class Batch:
         for m in self.members:
             m.fail(error)
         return True
+
+    def complete_except(self, pages: Sequence[bytes], bad: set[int],
+                        error: BaseException) -> None:
+        """Fail the members that asked for a block in ``bad``; complete the others."""
+        idx = self._index
+        for m in self.members:
+            if bad.intersection(m.blocks):
+                m.fail(error)
+            else:
+                m.complete([pages[idx[b]] for b in m.blocks])
 
     def describe(self) -> dict[str, Any]:
         d = self.members[0].describe()

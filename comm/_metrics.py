@@ -123,6 +123,8 @@ _SHARD_COUNTERS = (
     ("reconnects", "pagecomm_reconnects_total", "Times a connection to the server was lost"),
     ("coalesced", "pagecomm_coalesced_total",
      "Foreground reads that shared another read's wire request (same relation and LSNs)"),
+    ("splits", "pagecomm_batch_splits_total",
+     "Coalesced requests answered with a per-block error and re-sent read by read"),
 )
 _SHARD_GAUGES = (
     ("queued", "pagecomm_queue_depth",

@@ -91,9 +91,11 @@ class Slot:
             self.state, self.rel, self.result, self.error = SlotState.FREE, None, None, None
 
     # A join slot collects pages that prefetches already in flight will deliver:
-    # ``arm()`` it, ``add_part()`` once per joined page, then ``seal()``. It completes
-    # when every part has been delivered or failed (the seal counts as one part, so
-    # an early delivery cannot complete it while parts are still being added).
+    # ``arm_join()`` it, add parts BEFORE the pages can be joined (``add_part()`` per
+    # page, or ``add_parts(n)`` for a whole lookup), give back the parts that did not
+    # join and the seal (``deliver_parts([], unused + 1)``, or ``seal()``). It
+    # completes when every part has been delivered or failed (the seal counts as one
+    # part, so an early delivery cannot complete it while parts are still added).
     def arm_join(self, rel: Any, lsn: int, nms: int, deadline: float) -> None:
         self.arm(1, 0, rel, (), lsn, nms, deadline, -1)
         self.result, self.parts = {}, 1

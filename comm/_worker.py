@@ -11,12 +11,15 @@ the worker never sleeps and the backends never touch a socket. The race is
 closed by ordering: a backend appends, then reads ``idle``; the worker sets
 ``idle``, then re-reads the inbox; one of the two always sees the other.
 
-Each loop iteration takes the whole inbox: every job goes straight onto the
-wire while the in-flight window has room, otherwise into a SortedList ordered by
-(class, arrival), so foreground reads always leave before prefetches, and
-prefetches may fill only 3/4 of the window. Replies are matched by request id,
-then checked against the request they claim to answer; a mismatch is never
-delivered.
+Each loop iteration takes the whole inbox, coalesces the foreground reads of one
+relation at the same LSNs into one request (see _batch.py), and sends each job
+at once while the windows have room, otherwise puts it into a SortedList ordered
+by (class, bulk, arrival): foreground reads leave before prefetches, small
+requests before bulk (scan) ones. Prefetches may fill only 3/4 of the windows.
+The page window bounds the pages of bulk requests in flight while small
+requests are about, so a random read never waits at the server behind a flood
+of scan pages. Replies are matched by request id, then checked against the
+request they claim to answer; a mismatch is never delivered.
 
 Wakeups are the main cost on this platform, so the worker never sleeps while it
 has something to do, handles whole bursts per wakeup, and completes slots
@@ -63,13 +66,29 @@ STOP = b""  # pipe message that stops a worker
 DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
-_RANDOM_HOLD = 0.05  # single-page reads seen this recently keep the page window closed
+_SMALL_HOLD = 0.05  # small requests sent this recently keep the page window closed
 _RETRY_CAP = 0.5
 _NORMAL = 0  # RequestClass.NORMAL
 _GET_PAGES = int(Kind.GET_PAGES)
 # plain ints: `int & zmq.POLLIN` would build an IntFlag member on every call
 _POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS),
                                         int(zmq.RCVMORE))
+
+
+def _per_block(rep: Any) -> bool:
+    """Whether an error reply may concern only some of a batch's blocks (a block
+    beyond the end, a block another shard now owns), so that each member must be
+    asked on its own; otherwise (a missing relation, an overloaded or failing
+    server, an LSN not reached) the answer is the same for every member."""
+    if rep.status == Status.NOT_FOUND:
+        return not rep.reason.startswith("relation")
+    return rep.status == Status.INVALID_REQUEST
+
+
+def _bulk(job: Any) -> bool:
+    """Scan-like work: a multi-page request that is not a batch of single-page reads.
+    Everything else (single pages, their batches, metadata) is a small request."""
+    return len(job.blocks) > 1 and (type(job) is not Batch or not job.singles)
 
 
 class Doorbells:
@@ -127,14 +146,14 @@ class ShardWorker:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self._prefetch_window = max(1, window - max(1, window // 4))
-        # Pages in flight, bounded by page_window while single-page foreground reads
-        # are about (one in flight, or sent in the last _RANDOM_HOLD seconds), so that
-        # such a read never queues at the server behind more than ~page_window pages
-        # of bulk work; without them, batches may fill the whole request window.
+        # Pages of bulk requests (see _bulk) in flight, bounded by page_window while
+        # small requests are about (one in flight, or sent in the last _SMALL_HOLD
+        # seconds), so that a random read never queues at the server behind more than
+        # ~page_window pages of bulk work; without them, bulk may fill the window.
         self.page_window = page_window
-        self._pages = 0  # pages in flight (worker thread only)
-        self._singles = 0  # single-page requests in flight (worker thread only)
-        self._single_sent = -1e9  # when the last one was sent (worker thread only)
+        self._pages = 0  # pages of bulk requests in flight (worker thread only)
+        self._small = 0  # other requests in flight (worker thread only)
+        self._small_sent = -1e9  # when the last one was sent (worker thread only)
         self.attempt_timeout, self.stuck_after = attempt_timeout, stuck_after
         self.curve = curve  # (client secret file, server public key file) or None
         self._logged: set[int] = set()  # request ids already logged as stuck
@@ -243,12 +262,11 @@ class ShardWorker:
     def _take_inbox(self) -> None:
         inbox, queue = self.inbox, self._queue
         jobs: list[Any] = []
-        taken: set[int] = set()
+        taken: set[int] = set()  # ids of the jobs in `jobs` (alive: their ids are stable)
         while inbox:
             job = inbox.popleft()
             if id(job) in taken:  # promoted twice (two readers joined it): once is enough
                 continue
-            taken.add(id(job))
             if job.qkey is not None:  # promoted while queued here: re-sort it
                 queue.remove(job.qkey)
                 job.qkey = None
@@ -258,6 +276,7 @@ class ShardWorker:
                 job.fail(CommClosed("abandoned before it was sent"))  # releases it
             else:
                 jobs.append(job)
+                taken.add(id(job))
         if len(jobs) > 1:  # reads of one relation share a wire request (see _batch.py)
             n = len(jobs)
             jobs = coalesce(jobs)
@@ -271,39 +290,39 @@ class ShardWorker:
     def _room(self, job: Any) -> bool:
         """Prefetches may fill only 3/4 of the windows (requests and pages): a
         foreground read always finds a place on the wire without waiting behind them.
-        A single-page foreground read needs only a request slot; multi-page requests
-        also need room in the page window (or an empty one, so any request can go)."""
-        n, pages = len(job.blocks), self._pages
+        A small request needs only a request slot; a bulk one also needs room in the
+        page window while small ones are about (or no bulk in flight at all, so any
+        request can go)."""
+        pages = self._pages
         if job.cls == _NORMAL:
             if len(self._inflight) >= self.window:
                 return False
-            if n <= 1 or not pages:
-                return True
             limit = self.page_window
         else:
             if len(self._inflight) >= self._prefetch_window:
                 return False
-            if not pages:
-                return True
             limit = self.page_window - max(1, self.page_window // 4)
-        if not self._singles and time.monotonic() - self._single_sent > _RANDOM_HOLD:
-            return True  # no single-page reads about: nobody to wait behind the batches
-        return pages + n <= limit
+        if not pages or not _bulk(job):
+            return True
+        if not self._small and time.monotonic() - self._small_sent > _SMALL_HOLD:
+            return True  # no small requests about: nobody to wait behind the bulk
+        return pages + len(job.blocks) <= limit
 
     def _enqueue(self, job: Any) -> None:
-        # foreground first, and among them single pages before batches: the shortest
+        # foreground first, and among them small requests before bulk: the shortest
         # jobs first keep random reads fast beside scans
-        job.qkey = (job.cls, len(job.blocks) > 1, next(self._seq), job)
+        job.qkey = (job.cls, _bulk(job), next(self._seq), job)
         self._queue.add(job.qkey)
 
     def _untrack(self, rid: int) -> tuple[Any, float] | None:
         """Take request ``rid`` off the in-flight table (None if it is not there)."""
         entry = self._inflight.pop(rid, None)
         if entry is not None:
-            n = len(entry[0].blocks)
-            self._pages -= n
-            if n == 1:  # by size only: a class may change (promotion) while in flight
-                self._singles -= 1
+            job = entry[0]
+            if _bulk(job):  # by size and type only, never by class (promotion changes it)
+                self._pages -= len(job.blocks)
+            else:
+                self._small -= 1
         return entry
 
     def _pump(self) -> None:
@@ -335,11 +354,11 @@ class ShardWorker:
         job.sent = True
         now = time.monotonic()
         self._inflight[rid] = (job, now)
-        n = len(job.blocks)
-        self._pages += n
-        if n == 1:
-            self._singles += 1
-            self._single_sent = now
+        if _bulk(job):
+            self._pages += len(job.blocks)
+        else:
+            self._small += 1
+            self._small_sent = now
         self.stats.sent += 1
 
     @staticmethod
@@ -403,7 +422,7 @@ class ShardWorker:
             self._complete_ok(job, result_of(rep))
         elif rep.status == Status.SLOW_DOWN and self._retry(job):
             return
-        elif type(job) is Batch and rep.status != Status.SLOW_DOWN:
+        elif type(job) is Batch and _per_block(rep):
             self._split(job)  # the status may concern some blocks only: ask one by one
         else:
             self.stats.errors += 1
@@ -411,13 +430,18 @@ class ShardWorker:
 
     def _complete_ok(self, job: Any, result: Any) -> None:
         if self.verify and job.kind == _GET_PAGES:
-            for blk, page in zip(job.blocks, result, strict=True):
-                if not verify_page_checksum(page, blk):
-                    self.stats.bad_replies += 1
-                    self.stats.errors += 1
-                    job.fail(ShardUnavailable(f"shard {self.shard}: page {job.rel} block {blk} "
-                                              f"fails its checksum"))
-                    return
+            bad = {blk for blk, page in zip(job.blocks, result, strict=True)
+                   if not verify_page_checksum(page, blk)}
+            if bad:
+                self.stats.bad_replies += 1
+                self.stats.errors += 1
+                err = ShardUnavailable(f"shard {self.shard}: page {job.rel} block "
+                                       f"{min(bad)} fails its checksum")
+                if type(job) is Batch:  # only the readers of a bad page fail
+                    job.complete_except(result, bad, err)
+                else:
+                    job.fail(err)
+                return
         self.stats.completed += 1
         self.stats.pages += len(job.blocks)
         self._done.append((job, result))
@@ -463,7 +487,7 @@ class ShardWorker:
         self._retry_inflight(f"connection reset ({why})")
 
     def _retry_inflight(self, why: str) -> None:
-        inflight, self._inflight, self._pages, self._singles = self._inflight, {}, 0, 0
+        inflight, self._inflight, self._pages, self._small = self._inflight, {}, 0, 0
         for job, _ in inflight.values():
             if not self._retry(job):
                 self.stats.errors += 1
@@ -508,7 +532,7 @@ class ShardWorker:
         pending += [e[2] for e in self._delayed]
         self._queue.clear()
         self._inflight.clear()
-        self._pages = self._singles = 0
+        self._pages = self._small = 0
         self._delayed.clear()
         for job in pending:
             job.fail(err)

@@ -27,7 +27,7 @@ from ._protocol import (
 from ._types import BLCKSZ, MAX_BLOCKS_PER_REQUEST, MAX_FORKNUM
 
 _GET_PAGES_REPLY = int(Kind.GET_PAGES) | REPLY_FLAG
-_GP_HEAD = struct.Struct(_PREFIX.format + _REL.format[1:])  # prefix + rel, 44 bytes
+_GP_HEAD = struct.Struct(_PREFIX.format + _REL.format[1:])  # prefix + rel, 48 bytes
 _GP_HEAD_LEN = _GP_HEAD.size
 
 

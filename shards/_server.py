@@ -8,10 +8,10 @@ One thread owns the ROUTER socket and runs a loop:
    request should be re-checked, the stop flag should be looked at);
 2. DRAIN every queued request without blocking into one batch (up to max_batch);
 3. sort the batch with the parked requests, NORMAL before PREFETCH before
-   BACKGROUND, and within a class single pages before batches (then arrival
-   order), so a foreground read never waits behind prefetches that happened to
-   arrive first, nor a random read behind a scan's batches; requests beyond
-   ``max_queue`` are answered SLOW_DOWN at once;
+   BACKGROUND, and within a class the fewest pages first (then arrival order), so
+   a foreground read never waits behind prefetches that happened to arrive first,
+   nor a random read behind a scan's batches; requests beyond ``max_queue`` are
+   answered SLOW_DOWN at once;
 4. serve the whole batch in ONE read transaction of the store (one snapshot);
    a request whose not_modified_since is above the store's last_lsn is PARKED
    and re-tried on later iterations until ``lsn_wait`` seconds have passed, so it
@@ -88,9 +88,9 @@ class _Pending:
     seq: int
     frame: bytes  # the request as received: an OK GetPages reply echoes its rel and blocks
 
-    def order(self) -> tuple[int, bool, int]:
-        """Serving order: class, then single pages before batches, then arrival."""
-        return self.req.cls, len(getattr(self.req, "blocks", ())) > 1, self.seq
+    def order(self) -> tuple[int, int, int]:
+        """Serving order: class, then the fewest pages first, then arrival."""
+        return self.req.cls, len(getattr(self.req, "blocks", ())), self.seq
 
 
 class PageServer:
@@ -322,7 +322,7 @@ class PageServer:
         work = self._parked + batch
         self._parked = []
         work.sort(key=_Pending.order)
-        for p in work[self.max_queue:]:  # the lowest classes, the latest arrivals
+        for p in work[self.max_queue:]:  # the lowest classes, the biggest, the latest
             self._emit(sock, None, p, error_reply(
                 p.req, Status.SLOW_DOWN, f"server queue is full ({self.max_queue} requests)"),
                 now, counts)

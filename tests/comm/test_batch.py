@@ -122,3 +122,49 @@ def test_reads_taken_together_share_a_request_and_errors_stay_their_own():
         # a batch that held block 5000 failed as a whole, then went out one by one
         batched = [blocks for blocks in srv.log if 5000 in blocks and len(blocks) > 1]
         assert batched and all((b,) in srv.log for b in batched[0])
+
+
+def test_a_bad_checksum_fails_only_the_readers_of_that_page():
+    a, b, c = Job(REL, (7,)), Job(REL, (8,)), Job(REL, (7, 9))
+    batch = Batch([a, b, c])
+    err = RuntimeError("bad checksum")
+    batch.complete_except([b"p7", b"p8", b"p9"], {7}, err)
+    assert a.got is err and c.got is err and b.got == [b"p8"]
+
+
+def test_whole_request_errors_are_not_split():
+    from comm._worker import _per_block
+    from shards.protocol import GetPagesReply, Status
+
+    def rep(status: Status, reason: str) -> GetPagesReply:
+        return GetPagesReply(1, 0, status, 10, 10, REL, (1, 2), (), reason)
+
+    assert _per_block(rep(Status.NOT_FOUND, "block 2 of rel is beyond its size"))
+    assert _per_block(rep(Status.INVALID_REQUEST, "block 2 belongs to shard 1"))
+    assert not _per_block(rep(Status.NOT_FOUND, "relation 1663/5/16384 does not exist"))
+    assert not _per_block(rep(Status.INTERNAL_ERROR, "store at LSN 5 has not reached 10"))
+    assert not _per_block(rep(Status.SLOW_DOWN, "queue full"))
+
+
+def test_a_failed_promotion_does_not_lose_the_join_slot():
+    cfg = comm.CommConfig(request_timeout=1.0)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True  # the prefetch stays in flight until its deadline
+        with c.backend() as be:
+            assert be.prefetch(REL, range(0, 4), lsn=100) == 4
+
+            def refuse(job: Any, submit: Any) -> None:
+                raise comm.CommClosed("closed while promoting")
+
+            c._promote = refuse  # type: ignore[method-assign]
+            with pytest.raises(comm.CommClosed):
+                be.get_pages(REL, range(0, 4), lsn=100)
+            with pytest.raises(comm.CommClosed):
+                be.get_page(REL, 1, lsn=100)
+            # the prefetch fails at its deadline; the joined slots come back to the ring
+            end = time.monotonic() + 5
+            while be.slots_in_use() and time.monotonic() < end:
+                time.sleep(0.05)
+            assert be.slots_in_use() == 0
+            srv.frozen = False
+            assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)

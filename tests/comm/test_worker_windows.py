@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from fakeserver import FakeServer
@@ -86,3 +87,56 @@ def test_a_job_promoted_twice_in_one_take_is_sent_once():
     w.inbox.extend([job, job])  # two readers joined it and both handed it back
     w._take_inbox()
     assert len(dealer.frames) == 1 and job.sent
+
+
+class _Job:
+    """A stand-in job whose liveness changes between two looks."""
+
+    batchable = False
+    kind, cls, rel, blocks, lsn, nms, attempt, shard = 1, 0, REL, (3,), 10, 10, 0, 0
+
+    def __init__(self, lives: list[bool]) -> None:
+        self.lives, self.failed, self.qkey, self.sent = lives, 0, None, False
+        self.deadline = time.monotonic() + 5
+
+    def is_live(self) -> bool:
+        return self.lives.pop(0) if self.lives else True
+
+    def fail(self, error: BaseException) -> bool:
+        self.failed += 1
+        return True
+
+
+def _stub_worker(**kw: Any) -> tuple[Any, _Dealer]:
+    import types
+
+    import zmq
+
+    from comm._worker import ShardWorker
+
+    w = ShardWorker(zmq.Context.instance(), 0, 0, "tcp://127.0.0.1:1", "inproc://unused",
+                    window=8, verify=False, **kw)
+    dealer = _Dealer()
+    w._conn = types.SimpleNamespace(dealer=dealer)  # type: ignore[assignment]
+    return w, dealer
+
+
+def test_a_job_failed_dead_and_resubmitted_in_one_take_is_sent():
+    # an abandoned slot is failed (freed), re-armed by its backend and handed in again
+    # before the worker is through the inbox: the second copy is a new request
+    w, dealer = _stub_worker()
+    job = _Job([False, True])
+    w.inbox.extend([job, job])
+    w._take_inbox()
+    assert job.failed == 1 and len(dealer.frames) == 1
+
+
+def test_a_batch_of_single_page_reads_is_small_work():
+    from comm._batch import Batch
+    from comm._worker import _bulk
+
+    singles = Batch([_Job([]), _Job([])])
+    assert not _bulk(singles)
+    wide = _Job([])
+    wide.blocks = (4, 5)
+    assert _bulk(Batch([_Job([]), wide])) and _bulk(wide) and not _bulk(_Job([]))

@@ -205,11 +205,11 @@ def test_priorities_within_a_drained_batch(serve) -> None:
         assert classes == [NORMAL, NORMAL, PREFETCH, PREFETCH, BACKGROUND]
 
 
-def test_single_pages_before_batches_within_a_class(serve) -> None:
+def test_fewest_pages_first_within_a_class(serve) -> None:
     srv, c = serve(latency=0.0)
     with _held_loop(srv, c) as gate:
         sent = []
-        for cls, blocks in ((NORMAL, [1, 2]), (PREFETCH, [3]), (NORMAL, [4]), (NORMAL, [5, 6]),
+        for cls, blocks in ((NORMAL, [1, 2, 3]), (PREFETCH, [3]), (NORMAL, [4]), (NORMAL, [5, 6]),
                             (NORMAL, [7])):
             req = c.get(blocks, cls=cls)
             sent.append((req.id, (cls, len(blocks))))
@@ -219,7 +219,7 @@ def test_single_pages_before_batches_within_a_class(serve) -> None:
         assert c.recv().id == 1
         by_id = dict(sent)
         got = [by_id[c.recv().id] for _ in sent]
-        assert got == [(NORMAL, 1), (NORMAL, 1), (NORMAL, 2), (NORMAL, 2), (PREFETCH, 1)]
+        assert got == [(NORMAL, 1), (NORMAL, 1), (NORMAL, 2), (NORMAL, 3), (PREFETCH, 1)]
 
 
 def test_lsn_wait_then_error_without_blocking_others(serve, store: PageStore) -> None:
