@@ -382,7 +382,7 @@ class Backend:
         """Hand a job to worker ``w``: append to its inbox, and ring its doorbell only
         if it may be sleeping (see comm/_worker.py)."""
         w.inbox.append(job)
-        if (w.idle or (w.asleep and job.cls == _NORMAL)) and not self._ring(w):
+        if w.idle and not self._ring(w):
             raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
 
     def _ring(self, w: Any) -> bool:

@@ -5,13 +5,11 @@ Theory of operation
 The worker owns two sockets, both created in its own thread: the PULL end of its
 pipe and one DEALER connection to its shard's page server. Backends append jobs
 (slots, prefetch requests) to the worker's ``inbox`` deque and ring the pipe only
-when the worker may be asleep: for any job when nothing is in flight (``idle``),
-for a foreground read also when requests are in flight (``asleep``: the next
-reply may be a server latency away; a prefetch waits for it or the 20 ms sweep).
-pyzmq releases the GIL in every socket call, so each avoided call is an avoided
-GIL hand-off; under load the worker never sleeps and the backends never touch a
-socket. The race is closed by ordering: a backend appends, then reads the flags;
-the worker sets them, then re-reads the inbox; one of the two sees the other.
+when the worker is about to sleep (``idle``): a doorbell. pyzmq releases the GIL
+in every socket call, so each avoided call is an avoided GIL hand-off; under load
+the worker never sleeps and the backends never touch a socket. The race is
+closed by ordering: a backend appends, then reads ``idle``; the worker sets
+``idle``, then re-reads the inbox; one of the two always sees the other.
 
 Each loop iteration takes the whole inbox, coalesces the foreground reads of one
 relation at the same LSNs into one request (see _batch.py), and sends each job
@@ -105,7 +103,7 @@ class Doorbells:
     def submit(self, job: Any, w: ShardWorker) -> bool:
         """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
         w.inbox.append(job)
-        return not (w.idle or (w.asleep and job.cls == _NORMAL)) or self.ring(w)
+        return not w.idle or self.ring(w)
 
     def ring(self, w: ShardWorker) -> bool:
         sock = self._socks.get(w.pipe)
@@ -167,9 +165,6 @@ class ShardWorker:
         # shared with backends, no lock: deque append/popleft and a bool store are atomic
         self.inbox: collections.deque[Any] = collections.deque()
         self.idle = False  # True while the worker may block in poll: ring the doorbell
-        # True while it may block in poll with requests in flight: the next reply may be
-        # a server latency away, so a foreground read rings too
-        self.asleep = False
         # below: touched only by the worker thread
         self._queue: SortedList = SortedList()
         self._inflight: dict[int, tuple[Any, float]] = {}  # request id -> (job, sent at)
@@ -228,7 +223,6 @@ class ShardWorker:
             busy = self._inflight or self._queue or self._delayed
             timeout: float | None = _SWEEP_INTERVAL * 1000 if busy else None
             self.idle = not self._inflight
-            self.asleep = True
             if inbox:  # arrived after the last take: don't sleep
                 timeout = 0
             for sock, _ in poller.poll(None if timeout is None else int(timeout)):
@@ -238,7 +232,7 @@ class ShardWorker:
                     self._drain_replies()
                 else:
                     self._on_conn_events()
-            self.idle = self.asleep = False
+            self.idle = False
             if self._blocked and conn.dealer.poll(0, zmq.POLLOUT):
                 self._blocked = False
             now = time.monotonic()

@@ -140,26 +140,3 @@ def test_a_batch_of_single_page_reads_is_small_work():
     wide = _Job([])
     wide.blocks = (4, 5)
     assert _bulk(Batch([_Job([]), wide])) and _bulk(wide) and not _bulk(_Job([]))
-
-
-def test_a_sleeping_worker_with_requests_in_flight_is_rung_for_foreground_reads():
-    from comm._worker import Doorbells
-
-    w, _ = _stub_worker()
-    rung: list[Any] = []
-
-    class Bells(Doorbells):
-        def ring(self, worker: Any) -> bool:
-            rung.append(worker)
-            return True
-
-    bells = Bells(lambda pipe: None)
-    fg, pf = _Job([]), _Job([])
-    pf.cls = 1  # a prefetch
-    w.idle, w.asleep = False, False  # awake: it will see the inbox anyway
-    assert bells.submit(fg, w) and not rung
-    w.asleep = True  # in poll, a reply may be a server latency away
-    assert bells.submit(pf, w) and not rung  # a prefetch can wait for the next wakeup
-    assert bells.submit(fg, w) and rung == [w]
-    w.idle = True  # nothing in flight: anything rings
-    assert bells.submit(pf, w) and len(rung) == 2
