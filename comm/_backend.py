@@ -423,7 +423,8 @@ class Backend:
     def _gather(self, slots: list[tuple[Slot, list[int]]], deadline: float, out: list[Any],
                 join: Slot | None = None, m: Any = None) -> list[int]:
         """Wait for every slot (each must come back), fill ``out``; returns the positions
-        to fetch again because their shard map changed under them."""
+        to fetch again: their shard map changed under them, or the prefetches they
+        joined failed on their own terms (as in get_page: read them ourselves)."""
         first: BaseException | None = None
         moved: list[int] = []
         for slot, idxs in slots:
@@ -444,6 +445,14 @@ class Backend:
             try:
                 for i, page in self._wait(join, deadline).items():
                     out[i] = page
+            except (ShardUnavailable, WrongShard) as e:
+                # the prefetch's deadline, a split, a lost server: within ours, the
+                # joined positions (all still empty) are fetched again
+                if first is None and time.monotonic() < deadline:
+                    moved += [i for i, page in enumerate(out) if page is None
+                              and i not in moved]
+                else:
+                    first = first or e
             except BaseException as e:
                 first = first or e
         if first is not None:

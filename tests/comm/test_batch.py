@@ -168,3 +168,15 @@ def test_a_failed_promotion_does_not_lose_the_join_slot():
             assert be.slots_in_use() == 0
             srv.frozen = False
             assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
+
+
+def test_get_pages_reads_itself_what_a_failed_prefetch_was_bringing():
+    with FakeServer() as srv, comm.Communicator([srv.endpoint]) as c:
+        with c.backend() as be:
+            srv.frozen = True  # the prefetch is lost on the way: it fails at its deadline
+            assert be.prefetch(REL, range(10, 14), lsn=100, timeout=0.5) == 4
+            time.sleep(0.1)
+            srv.frozen = False
+            got = be.get_pages(REL, [9, 10, 11, 12, 13], lsn=100, timeout=5)
+            assert got == [fake_page(REL, b, 100) for b in (9, 10, 11, 12, 13)]
+            assert be.stats()["joins"] == 4 and c.stats()["prefetch"]["failed"] == 4
