@@ -50,7 +50,7 @@ class _StubComm:
         shard = {"shard": 0, "endpoint": "tcp://x:1", "threads": 1, "connections": 1,
                  "queued": 2, "inflight": 3, "sent": 5, "completed": 4, "errors": 1,
                  "timeouts": 0, "retries": 1, "stale_replies": 1, "bad_replies": 0,
-                 "resets": 0, "pages": 40, "reconnects": 1}
+                 "resets": 0, "pages": 40, "reconnects": 1, "coalesced": 6, "splits": 1}
         return {"shards": [shard], "backends": 2, "slots_in_use": 1, "connections": 1,
                 "map_generation": 0, "uptime_s": 1.5,
                 "prefetch": {"issued": 7, "hits": 3, "buffered": 4, "capacity": 64}}
@@ -73,6 +73,8 @@ def test_collector_families():
     assert value(text, "pagecomm_request_seconds_sum", **hist) == pytest.approx(0.0203)
     assert value(text, "pagecomm_pages_total", shard="0") == 40
     assert value(text, "pagecomm_reconnects_total", shard="0") == 1
+    assert value(text, "pagecomm_coalesced_total", shard="0") == 6
+    assert value(text, "pagecomm_batch_splits_total", shard="0") == 1
     assert value(text, "pagecomm_queue_depth", shard="0") == 2
     assert value(text, "pagecomm_inflight", shard="0") == 3
     assert value(text, "pagecomm_stale_replies_total") == 1
