@@ -26,6 +26,7 @@ from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
+from ._doorbell import Doorbells
 from ._errors import (
     Cancelled,
     CommClosed,
@@ -38,7 +39,6 @@ from ._errors import (
 from ._metrics import LatencyRecorder
 from ._slot import Slot, SlotState
 from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
-from ._worker import Doorbells
 
 if TYPE_CHECKING:
     from ._communicator import Communicator

@@ -102,3 +102,9 @@ def coalesce(jobs: list[Any]) -> list[Any]:
         g[1].update(job.blocks)
     return [x if type(x) is not tuple else (x[0][0] if len(x[0]) == 1 else Batch(x[0]))
             for x in out]
+
+
+def is_bulk(job: Any) -> bool:
+    """Scan-like work: a multi-page request that is not a batch of single-page reads.
+    Everything else (single pages, their batches, metadata) is a small request."""
+    return len(job.blocks) > 1 and (type(job) is not Batch or not job.singles)

@@ -81,3 +81,13 @@ def result_of(rep: Reply) -> Any:
     if isinstance(rep, DbSizeReply):
         return rep.size
     return rep.segment
+
+
+def per_block(rep: Any) -> bool:
+    """Whether an error reply may concern only some of a batch's blocks (a block
+    beyond the end, a block another shard now owns), so that each member must be
+    asked on its own; otherwise (a missing relation, an overloaded or failing
+    server, an LSN not reached) the answer is the same for every member."""
+    if rep.status == Status.NOT_FOUND:
+        return not rep.reason.startswith("relation")
+    return rep.status == Status.INVALID_REQUEST

@@ -35,10 +35,10 @@ from shards import MAX_BLOCKNO, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from . import _ipc
+from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest
 from ._procreq import CLOSED, ProcRequest, WireJob
 from ._validate import check_lsns, check_rel, check_timeout
-from ._worker import Doorbells
 
 log = logging.getLogger(__name__)
 _POLLIN, _NOBLOCK, _EVENTS = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS)  # plain ints

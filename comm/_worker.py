@@ -55,15 +55,14 @@ from shards.protocol import (
     encode_request,
 )
 
-from ._batch import Batch, coalesce
+from ._batch import Batch, coalesce, is_bulk
 from ._conn import Connection
 from ._errors import CommClosed, RequestTimeout, ShardUnavailable
-from ._outcome import error_for, mismatch, result_of
+from ._outcome import error_for, mismatch, per_block, result_of
 
 log = logging.getLogger(__name__)
 
 STOP = b""  # pipe message that stops a worker
-DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
 _SMALL_HOLD = 0.05  # small requests sent this recently keep the page window closed
@@ -73,52 +72,6 @@ _GET_PAGES = int(Kind.GET_PAGES)
 # plain ints: `int & zmq.POLLIN` would build an IntFlag member on every call
 _POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS),
                                         int(zmq.RCVMORE))
-
-
-def _per_block(rep: Any) -> bool:
-    """Whether an error reply may concern only some of a batch's blocks (a block
-    beyond the end, a block another shard now owns), so that each member must be
-    asked on its own; otherwise (a missing relation, an overloaded or failing
-    server, an LSN not reached) the answer is the same for every member."""
-    if rep.status == Status.NOT_FOUND:
-        return not rep.reason.startswith("relation")
-    return rep.status == Status.INVALID_REQUEST
-
-
-def _bulk(job: Any) -> bool:
-    """Scan-like work: a multi-page request that is not a batch of single-page reads.
-    Everything else (single pages, their batches, metadata) is a small request."""
-    return len(job.blocks) > 1 and (type(job) is not Batch or not job.singles)
-
-
-class Doorbells:
-    """One thread's hand-off to shard workers: append a job to the worker's inbox and
-    ring its pipe only if the worker may be asleep. The PUSH sockets (one per worker
-    pipe) are created lazily by, and belong to, the thread that owns this object."""
-
-    def __init__(self, open_pipe: Any) -> None:
-        self._open_pipe = open_pipe
-        self._socks: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH
-
-    def submit(self, job: Any, w: ShardWorker) -> bool:
-        """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
-        w.inbox.append(job)
-        return not w.idle or self.ring(w)
-
-    def ring(self, w: ShardWorker) -> bool:
-        sock = self._socks.get(w.pipe)
-        if sock is None:
-            sock = self._socks[w.pipe] = self._open_pipe(w.pipe)
-        try:
-            sock.send(DOORBELL, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        return True
-
-    def close(self) -> None:
-        socks, self._socks = self._socks, {}
-        for sock in socks.values():
-            sock.close(0)
 
 
 class WorkerStats:
@@ -146,7 +99,7 @@ class ShardWorker:
         self.ctx, self.shard, self.index = ctx, shard, index
         self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
         self._prefetch_window = max(1, window - max(1, window // 4))
-        # Pages of bulk requests (see _bulk) in flight, bounded by page_window while
+        # Pages of bulk requests (see is_bulk) in flight, bounded by page_window while
         # small requests are about (one in flight, or sent in the last _SMALL_HOLD
         # seconds), so that a random read never queues at the server behind more than
         # ~page_window pages of bulk work; without them, bulk may fill the window.
@@ -302,7 +255,7 @@ class ShardWorker:
             if len(self._inflight) >= self._prefetch_window:
                 return False
             limit = self.page_window - max(1, self.page_window // 4)
-        if not pages or not _bulk(job):
+        if not pages or not is_bulk(job):
             return True
         if not self._small and time.monotonic() - self._small_sent > _SMALL_HOLD:
             return True  # no small requests about: nobody to wait behind the bulk
@@ -311,7 +264,7 @@ class ShardWorker:
     def _enqueue(self, job: Any) -> None:
         # foreground first, and among them small requests before bulk: the shortest
         # jobs first keep random reads fast beside scans
-        job.qkey = (job.cls, _bulk(job), next(self._seq), job)
+        job.qkey = (job.cls, is_bulk(job), next(self._seq), job)
         self._queue.add(job.qkey)
 
     def _untrack(self, rid: int) -> tuple[Any, float] | None:
@@ -319,7 +272,7 @@ class ShardWorker:
         entry = self._inflight.pop(rid, None)
         if entry is not None:
             job = entry[0]
-            if _bulk(job):  # by size and type only, never by class (promotion changes it)
+            if is_bulk(job):  # by size and type only, never by class (promotion changes it)
                 self._pages -= len(job.blocks)
             else:
                 self._small -= 1
@@ -354,7 +307,7 @@ class ShardWorker:
         job.sent = True
         now = time.monotonic()
         self._inflight[rid] = (job, now)
-        if _bulk(job):
+        if is_bulk(job):
             self._pages += len(job.blocks)
         else:
             self._small += 1
@@ -422,7 +375,7 @@ class ShardWorker:
             self._complete_ok(job, result_of(rep))
         elif rep.status == Status.SLOW_DOWN and self._retry(job):
             return
-        elif type(job) is Batch and _per_block(rep):
+        elif type(job) is Batch and per_block(rep):
             self._split(job)  # the status may concern some blocks only: ask one by one
         else:
             self.stats.errors += 1

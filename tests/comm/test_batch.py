@@ -133,7 +133,7 @@ def test_a_bad_checksum_fails_only_the_readers_of_that_page():
 
 
 def test_whole_request_errors_are_not_split():
-    from comm._worker import _per_block
+    from comm._outcome import per_block as _per_block
     from shards.protocol import GetPagesReply, Status
 
     def rep(status: Status, reason: str) -> GetPagesReply:

@@ -133,7 +133,7 @@ def test_a_job_failed_dead_and_resubmitted_in_one_take_is_sent():
 
 def test_a_batch_of_single_page_reads_is_small_work():
     from comm._batch import Batch
-    from comm._worker import _bulk
+    from comm._batch import is_bulk as _bulk
 
     singles = Batch([_Job([]), _Job([])])
     assert not _bulk(singles)

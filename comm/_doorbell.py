@@ -1,0 +1,46 @@
+"""The hand-off from a backend (or the process front) to shard workers.
+
+A job is appended to the worker's inbox (a deque: no lock), and the worker's pipe
+is rung only if the worker may be asleep (``idle``). pyzmq releases the GIL in
+every socket call, so each avoided ring is an avoided GIL hand-off; under load
+the worker never sleeps and nothing is rung. The ordering that closes the race
+is described in comm/_worker.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
+
+
+class Doorbells:
+    """One thread's hand-off to shard workers: append a job to the worker's inbox and
+    ring its pipe only if the worker may be asleep. The PUSH sockets (one per worker
+    pipe) are created lazily by, and belong to, the thread that owns this object."""
+
+    def __init__(self, open_pipe: Any) -> None:
+        self._open_pipe = open_pipe
+        self._socks: dict[str, zmq.Socket] = {}  # worker pipe -> PUSH
+
+    def submit(self, job: Any, w: Any) -> bool:
+        """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
+        w.inbox.append(job)
+        return not w.idle or self.ring(w)
+
+    def ring(self, w: Any) -> bool:
+        sock = self._socks.get(w.pipe)
+        if sock is None:
+            sock = self._socks[w.pipe] = self._open_pipe(w.pipe)
+        try:
+            sock.send(DOORBELL, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        socks, self._socks = self._socks, {}
+        for sock in socks.values():
+            sock.close(0)
