@@ -182,9 +182,9 @@ def proc_vs_threads_table(pvt: dict[str, Any]) -> str:
                      f"p99 {_f(r['p99'], 2)}x, CPU/page {_f(r['cpu_per_page'], 2)}x; "
                      f"connections {r['procs_connections']} vs {r['threads_connections']}")
     c = pvt["copies_per_page"]
-    lines.append(f"  page copies per page read: processes {c['processes']} (ZeroMQ frame -> "
+    lines.append(f"  page copies per page read: processes {c['processes']} (reply frame -> "
                  f"bytes, -> shared-memory slot, -> backend's bytes), threads {c['threads']} "
-                 f"(the bytes from ZeroMQ handed over)")
+                 f"(the bytes cut from the reply frame handed over)")
     return "\n".join(lines)
 
 
