@@ -22,11 +22,26 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, TypeVar
 
 from ._errors import ProtocolError
+from ._messages import (
+    DbSizeReply,
+    DbSizeRequest,
+    GetPagesReply,
+    GetPagesRequest,
+    Kind,
+    RelSizeReply,
+    RelSizeRequest,
+    Reply,
+    Request,
+    RequestClass,
+    SlruKind,
+    SlruSegmentReply,
+    SlruSegmentRequest,
+    Status,
+)
 from ._types import BLCKSZ, MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, MAX_FORKNUM, RelTag
 
 PROTOCOL_VERSION = 2  # 2: an OK GetPages reply is one frame (1 had a frame per page)
@@ -37,33 +52,6 @@ MAX_SLRU_SEGMENT_BYTES = SLRU_PAGES_PER_SEGMENT * BLCKSZ
 MAX_MESSAGE_BYTES = MAX_SLRU_SEGMENT_BYTES + 4096
 """Upper bound on any single frame; servers set ZMQ_MAXMSGSIZE to this."""
 MAX_FRAMES = 2  # a header, then at most one bulk frame (an SLRU segment or a reason)
-
-
-class Kind(IntEnum):
-    GET_PAGES = 1
-    REL_SIZE = 2
-    DB_SIZE = 3
-    SLRU_SEGMENT = 4
-
-
-class RequestClass(IntEnum):
-    NORMAL = 0
-    PREFETCH = 1
-    BACKGROUND = 2
-
-
-class Status(IntEnum):
-    OK = 0
-    NOT_FOUND = 1
-    INVALID_REQUEST = 2
-    INTERNAL_ERROR = 3
-    SLOW_DOWN = 4
-
-
-class SlruKind(IntEnum):
-    CLOG = 0  # pg_xact
-    MULTIXACT_MEMBERS = 1  # pg_multixact/members
-    MULTIXACT_OFFSETS = 2  # pg_multixact/offsets
 
 
 # version, kind, class-or-status, flags, request id, attempt, request_lsn, not_modified_since
@@ -81,112 +69,6 @@ _STATUSES = frozenset(int(s) for s in Status)
 _SLRU_KINDS = frozenset(int(k) for k in SlruKind)
 _PAGE_TYPES = (bytes, bytearray, memoryview)
 _INVALID_BLOCKNO = MAX_BLOCKNO + 1  # the only u32 that is not a block number; `in` beats max()
-
-
-@dataclass(frozen=True, slots=True)
-class GetPagesRequest:
-    id: int
-    attempt: int
-    cls: RequestClass
-    lsn: int
-    nms: int
-    rel: RelTag
-    blocks: tuple[int, ...]
-    kind = Kind.GET_PAGES
-
-
-@dataclass(frozen=True, slots=True)
-class RelSizeRequest:
-    id: int
-    attempt: int
-    cls: RequestClass
-    lsn: int
-    nms: int
-    rel: RelTag
-    allow_missing: bool
-    kind = Kind.REL_SIZE
-
-
-@dataclass(frozen=True, slots=True)
-class DbSizeRequest:
-    id: int
-    attempt: int
-    cls: RequestClass
-    lsn: int
-    nms: int
-    db: int
-    kind = Kind.DB_SIZE
-
-
-@dataclass(frozen=True, slots=True)
-class SlruSegmentRequest:
-    id: int
-    attempt: int
-    cls: RequestClass
-    lsn: int
-    nms: int
-    slru_kind: SlruKind
-    segno: int
-    kind = Kind.SLRU_SEGMENT
-
-
-@dataclass(frozen=True, slots=True)
-class GetPagesReply:
-    id: int
-    attempt: int
-    status: Status
-    lsn: int
-    nms: int
-    rel: RelTag
-    blocks: tuple[int, ...]
-    pages: tuple[bytes, ...] = ()
-    reason: str = ""
-    kind = Kind.GET_PAGES
-
-
-@dataclass(frozen=True, slots=True)
-class RelSizeReply:
-    id: int
-    attempt: int
-    status: Status
-    lsn: int
-    nms: int
-    rel: RelTag
-    exists: bool = False
-    nblocks: int = 0
-    reason: str = ""
-    kind = Kind.REL_SIZE
-
-
-@dataclass(frozen=True, slots=True)
-class DbSizeReply:
-    id: int
-    attempt: int
-    status: Status
-    lsn: int
-    nms: int
-    db: int
-    size: int = 0
-    reason: str = ""
-    kind = Kind.DB_SIZE
-
-
-@dataclass(frozen=True, slots=True)
-class SlruSegmentReply:
-    id: int
-    attempt: int
-    status: Status
-    lsn: int
-    nms: int
-    slru_kind: SlruKind
-    segno: int
-    segment: bytes = b""
-    reason: str = ""
-    kind = Kind.SLRU_SEGMENT
-
-
-Request = GetPagesRequest | RelSizeRequest | DbSizeRequest | SlruSegmentRequest
-Reply = GetPagesReply | RelSizeReply | DbSizeReply | SlruSegmentReply
 
 
 # ---------------------------------------------------------------- encoding
@@ -563,3 +445,25 @@ def peek_request_id(frame: bytes) -> tuple[int, int] | None:
     except (TypeError, struct.error):
         pass
     return None
+
+
+def malformed_reply(head: bytes, ids: tuple[int, int], reason: str) -> Reply:
+    """An INVALID_REQUEST reply to a request that did not decode, echoing what can be read."""
+    rid, attempt = ids
+    try:
+        _, kind, _, _, _, _, lsn, nms = _PREFIX.unpack_from(head)
+    except struct.error:
+        kind, lsn, nms = Kind.GET_PAGES, 0, 0
+    if nms > lsn:
+        lsn = nms = 0
+    common = (rid, attempt, Status.INVALID_REQUEST, lsn, nms)
+    kind &= ~REPLY_FLAG
+    reason = f"malformed request: {reason}"
+    nil = RelTag(0, 0, 0, 0)
+    if kind == Kind.REL_SIZE:
+        return RelSizeReply(*common, rel=nil, reason=reason)
+    if kind == Kind.DB_SIZE:
+        return DbSizeReply(*common, db=0, reason=reason)
+    if kind == Kind.SLRU_SEGMENT:
+        return SlruSegmentReply(*common, slru_kind=SlruKind.CLOG, segno=0, reason=reason)
+    return GetPagesReply(*common, rel=nil, blocks=(0,), reason=reason)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-import struct
 import threading
 import time
 from collections import Counter
@@ -44,9 +43,7 @@ from ._errors import ProtocolError, ShardsError, StoreError
 from ._fastpath import ok_get_pages_reply
 from ._faults import ServerFaults, inject
 from ._protocol import (
-    _PREFIX,
     MAX_MESSAGE_BYTES,
-    REPLY_FLAG,
     DbSizeReply,
     DbSizeRequest,
     GetPagesReply,
@@ -57,17 +54,17 @@ from ._protocol import (
     Reply,
     Request,
     RequestClass,
-    SlruKind,
     SlruSegmentReply,
     Status,
     decode_request,
     encode_reply,
     error_reply,
+    malformed_reply,
     peek_request_id,
 )
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
 from ._store import PageStore, StoreReader
-from ._types import BLCKSZ, RelTag
+from ._types import BLCKSZ
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +312,7 @@ class PageServer:
             return
         counts["malformed_answered"] += 1
         counts["errors.INVALID_REQUEST"] += 1
-        self._send(sock, envelope, encode_reply(_malformed_reply(body[0], ids, reason)), counts)
+        self._send(sock, envelope, encode_reply(malformed_reply(body[0], ids, reason)), counts)
 
     def _serve(self, sock: zmq.Socket, batch: list[_Pending], now: float,
                counts: Counter[str]) -> None:
@@ -491,25 +488,3 @@ def _ok_reply(req: Request, pages: list[bytes]) -> GetPagesReply:
     assert isinstance(req, GetPagesRequest)
     return GetPagesReply(req.id, req.attempt, Status.OK, req.lsn, req.nms, req.rel, req.blocks,
                          tuple(pages))
-
-
-def _malformed_reply(head: bytes, ids: tuple[int, int], reason: str) -> Reply:
-    """An INVALID_REQUEST reply to a request that did not decode, echoing what can be read."""
-    rid, attempt = ids
-    try:
-        _, kind, _, _, _, _, lsn, nms = _PREFIX.unpack_from(head)
-    except struct.error:
-        kind, lsn, nms = Kind.GET_PAGES, 0, 0
-    if nms > lsn:
-        lsn = nms = 0
-    common = (rid, attempt, Status.INVALID_REQUEST, lsn, nms)
-    kind &= ~REPLY_FLAG
-    reason = f"malformed request: {reason}"
-    nil = RelTag(0, 0, 0, 0)
-    if kind == Kind.REL_SIZE:
-        return RelSizeReply(*common, rel=nil, reason=reason)
-    if kind == Kind.DB_SIZE:
-        return DbSizeReply(*common, db=0, reason=reason)
-    if kind == Kind.SLRU_SEGMENT:
-        return SlruSegmentReply(*common, slru_kind=SlruKind.CLOG, segno=0, reason=reason)
-    return GetPagesReply(*common, rel=nil, blocks=(0,), reason=reason)
