@@ -137,7 +137,7 @@ class Communicator:
             self._map = ShardMap(cfg.shards, cfg.stripe_size, self._start_pools(cfg.shards, 0,
                                                                                  None), 0)
             if cfg.metrics_port is not None:
-                self._metrics = start_metrics_server(self, cfg.metrics_port)
+                self._metrics = start_metrics_server(self, cfg.metrics_port, cfg.metrics_addr)
         except BaseException:
             self.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class CommConfig:
     attempt_timeout: float = 10.0
     stuck_log_after: float = 10.0
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # the metrics endpoint's listen address
     verify_checksums: bool = False
     curve_secret: str | None = None  # this client's CURVE .key_secret file
     curve_server_key: str | None = None  # the page servers' CURVE public .key file
@@ -49,6 +51,12 @@ class CommConfig:
                                   f"seconds in (0, 1e6), got {t!r}")
         if self.metrics_port is not None:
             _positive(self, "metrics_port", "COMM_METRICS_PORT", 0, 65535)
+        try:
+            ipaddress.ip_address(self.metrics_addr)
+        except (TypeError, ValueError):
+            raise ConfigError(f"COMM_METRICS_ADDR (metrics_addr) must be an IP address to "
+                              f"listen on, like 127.0.0.1 or 0.0.0.0, got "
+                              f"{self.metrics_addr!r}") from None
         if not isinstance(self.shards, tuple) or not all(isinstance(s, str) and s
                                                           for s in self.shards):
             raise ConfigError(f"COMM_SHARDS (shards) must be a tuple of endpoint strings, "
@@ -99,7 +107,7 @@ def _parse(attr: str, env: str, raw: str) -> object:
             return eps
         if attr in ("request_timeout", "attempt_timeout", "stuck_log_after"):
             return float(raw)
-        if attr in ("curve_secret", "curve_server_key"):
+        if attr in ("curve_secret", "curve_server_key", "metrics_addr"):
             return raw
         if attr == "verify_checksums":
             low = raw.lower()

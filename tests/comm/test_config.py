@@ -14,6 +14,7 @@ def test_from_env_reads_every_variable():
            "COMM_INFLIGHT_PAGES_PER_CONN": "96",
            "COMM_SLOTS_PER_BACKEND": "4", "COMM_PREFETCH_PAGES": "100",
            "COMM_REQUEST_TIMEOUT": "2.5", "COMM_METRICS_PORT": "0",
+           "COMM_METRICS_ADDR": "0.0.0.0",
            "COMM_VERIFY_CHECKSUMS": "yes", "UNRELATED": "x"}
     cfg = CommConfig.from_env(env)
     assert cfg.shards == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
@@ -21,6 +22,7 @@ def test_from_env_reads_every_variable():
     assert cfg.inflight_pages_per_conn == 96
     assert (cfg.slots_per_backend, cfg.prefetch_pages) == (4, 100)
     assert cfg.request_timeout == 2.5 and cfg.metrics_port == 0 and cfg.verify_checksums
+    assert cfg.metrics_addr == "0.0.0.0"
 
 
 def test_overrides_win_over_env():
@@ -35,6 +37,7 @@ def test_overrides_win_over_env():
     ("COMM_PREFETCH_PAGES", "-5"), ("COMM_REQUEST_TIMEOUT", "soon"),
     ("COMM_REQUEST_TIMEOUT", "0"), ("COMM_METRICS_PORT", "70000"),
     ("COMM_VERIFY_CHECKSUMS", "maybe"), ("COMM_SHARDS", "localhost:6400"),
+    ("COMM_METRICS_ADDR", "localhost"), ("COMM_METRICS_ADDR", "300.1.1.1"),
 ])
 def test_bad_values_name_the_variable(var, value):
     with pytest.raises(ConfigError, match=var):

@@ -126,6 +126,17 @@ def test_scrape_moves_when_pages_are_read(page_server):
             scrape(ms.port)
 
 
+def test_metrics_listen_where_configured(page_server):
+    srv, _ = page_server
+    cfg = comm.CommConfig(metrics_port=0, metrics_addr="127.0.0.2", request_timeout=5)
+    with comm.Communicator([srv.endpoint], config=cfg) as c:
+        ms = c._metrics
+        assert ms is not None and ms.addr == "127.0.0.2"
+        assert "pagecomm_slots_in_use" in scrape(ms.port, host="127.0.0.2")
+        with pytest.raises(OSError):
+            scrape(ms.port)  # not on 127.0.0.1
+
+
 def test_bad_port_is_a_config_error():
     with pytest.raises(comm.ConfigError, match="metrics port"):
         start_metrics_server(_StubComm(), -1)
