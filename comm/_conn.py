@@ -21,9 +21,14 @@ from shards._curve import secure_client
 log = logging.getLogger(__name__)
 
 _AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)  # the server refused our key
-_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | _AUTH_FAILED
+_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+           | _AUTH_FAILED)
 RECONNECT_MIN_MS = 1
 RECONNECT_MAX_MS = 1000
+# log an endpoint that does not connect at this many retries (about 1.5 s with the
+# backoff above), then every _RETRIES_LOG_EVERY more (about a minute at the cap)
+_RETRIES_FIRST_LOG = 12
+_RETRIES_LOG_EVERY = 60
 
 
 class Connection:
@@ -36,6 +41,7 @@ class Connection:
         self.generation = 0  # bumped by reset(): pollers must re-register
         self.connected = False
         self.reconnects = 0
+        self.retries = 0  # connection attempts since the last successful one
         self.dealer, self.monitor = self._open()
 
     def _open(self) -> tuple[zmq.Socket, zmq.Socket]:
@@ -66,7 +72,20 @@ class Connection:
                 self.auth_failed = True
             elif ev == zmq.EVENT_CONNECTED and not self.connected:
                 self.connected = True
-                log.info("%s: connected to %s", self.name, self.endpoint)
+                if self.retries >= _RETRIES_FIRST_LOG:
+                    log.warning("%s: connected to %s after %d retries", self.name,
+                                self.endpoint, self.retries)
+                else:
+                    log.info("%s: connected to %s", self.name, self.endpoint)
+                self.retries = 0
+            elif ev == zmq.EVENT_CONNECT_RETRIED:
+                self.retries += 1
+                n = self.retries - _RETRIES_FIRST_LOG
+                if n >= 0 and n % _RETRIES_LOG_EVERY == 0:
+                    log.warning("%s: cannot connect to %s (%d attempts so far; retrying "
+                                "every %d ms at most): is the page server up, and is the "
+                                "endpoint right?", self.name, self.endpoint, self.retries,
+                                RECONNECT_MAX_MS)
             elif ev == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 self.reconnects += 1

@@ -140,3 +140,18 @@ def test_a_batch_of_single_page_reads_is_small_work():
     wide = _Job([])
     wide.blocks = (4, 5)
     assert _bulk(Batch([_Job([]), wide])) and _bulk(wide) and not _bulk(_Job([]))
+
+
+def test_an_endpoint_that_never_connects_is_logged(caplog):
+    import logging
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="comm._conn")
+    with comm.Communicator([f"tcp://127.0.0.1:{port}"]):
+        assert _wait_for(lambda: any("cannot connect to" in r.getMessage()
+                                     for r in caplog.records), limit=10)
+    msg = next(r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage())
+    assert f"127.0.0.1:{port}" in msg and "comm-shard0-w0" in msg
