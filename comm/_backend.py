@@ -191,7 +191,8 @@ class Backend:
             raise
         moved = self._gather(slots, deadline, out, join, m)
         if moved and not self._fetch(rel, blks, moved, lsn, nms, deadline, out):
-            raise InvalidRequest(f"{len(moved)} blocks moved shards; too many for the ring")
+            raise InvalidRequest(f"{len(moved)} blocks to read again (their shard moved, or "
+                                 f"the prefetch they joined failed); too many for the ring")
         return True
 
     def _join_buffered(self, rel: RelTag, blks: list[int], lsn: int, nms: int,

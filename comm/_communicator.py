@@ -137,7 +137,12 @@ class Communicator:
             self._map = ShardMap(cfg.shards, cfg.stripe_size, self._start_pools(cfg.shards, 0,
                                                                                  None), 0)
             if cfg.metrics_port is not None:
-                self._metrics = start_metrics_server(self, cfg.metrics_port, cfg.metrics_addr)
+                try:
+                    self._metrics = start_metrics_server(self, cfg.metrics_port,
+                                                         cfg.metrics_addr)
+                except OSError as e:  # a port in use, an address not on this host
+                    raise ConfigError(f"COMM_METRICS_ADDR/COMM_METRICS_PORT: cannot listen "
+                                      f"on {cfg.metrics_addr}:{cfg.metrics_port}: {e}") from None
         except BaseException:
             self.close()
             raise

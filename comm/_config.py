@@ -52,6 +52,8 @@ class CommConfig:
         if self.metrics_port is not None:
             _positive(self, "metrics_port", "COMM_METRICS_PORT", 0, 65535)
         try:
+            if not isinstance(self.metrics_addr, str):
+                raise TypeError
             ipaddress.ip_address(self.metrics_addr)
         except (TypeError, ValueError):
             raise ConfigError(f"COMM_METRICS_ADDR (metrics_addr) must be an IP address to "

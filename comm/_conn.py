@@ -12,6 +12,7 @@ a new identity, so nothing sent to the old one can come back on the new one.
 from __future__ import annotations
 
 import logging
+import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -21,14 +22,17 @@ from shards._curve import secure_client
 log = logging.getLogger(__name__)
 
 _AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)  # the server refused our key
-_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-           | _AUTH_FAILED)
-RECONNECT_MIN_MS = 1
+# "connected" means the ZeroMQ handshake succeeded: a TCP connect alone may be a
+# listener that is not a page server (it accepts, then drops the handshake)
+_UP = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+_EVENTS = _UP | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _AUTH_FAILED
+RECONNECT_MIN_MS = 10  # also the pace of a listener that accepts and drops us
 RECONNECT_MAX_MS = 1000
-# log an endpoint that does not connect at this many retries (about 1.5 s with the
-# backoff above), then every _RETRIES_LOG_EVERY more (about a minute at the cap)
-_RETRIES_FIRST_LOG = 12
-_RETRIES_LOG_EVERY = 60
+CONNECT_TIMEOUT_MS = 2000  # a silently dropped SYN would otherwise take minutes
+# log an endpoint not up this long (since its first failed attempt), then again
+# every _DOWN_LOG_EVERY seconds while it stays down
+_DOWN_FIRST_LOG = 2.0
+_DOWN_LOG_EVERY = 60.0
 
 
 class Connection:
@@ -41,7 +45,9 @@ class Connection:
         self.generation = 0  # bumped by reset(): pollers must re-register
         self.connected = False
         self.reconnects = 0
-        self.retries = 0  # connection attempts since the last successful one
+        self.retries = 0  # failed attempts since the connection was last up
+        self._down_since: float | None = None  # first failed attempt since then
+        self._down_logged = 0.0  # when "cannot connect" was last logged
         self.dealer, self.monitor = self._open()
 
     def _open(self) -> tuple[zmq.Socket, zmq.Socket]:
@@ -52,6 +58,7 @@ class Connection:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
+        s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
         if self.curve is not None:
             secure_client(s, *self.curve)
         mon = s.get_monitor_socket(_EVENTS)
@@ -70,27 +77,34 @@ class Connection:
                     log.error("%s: %s refused our CURVE key (handshake failed); requests "
                               "will time out", self.name, self.endpoint)
                 self.auth_failed = True
-            elif ev == zmq.EVENT_CONNECTED and not self.connected:
+            elif ev == _UP and not self.connected:
                 self.connected = True
-                if self.retries >= _RETRIES_FIRST_LOG:
-                    log.warning("%s: connected to %s after %d retries", self.name,
+                if self._down_logged:
+                    log.warning("%s: connected to %s after %d failed attempts", self.name,
                                 self.endpoint, self.retries)
                 else:
                     log.info("%s: connected to %s", self.name, self.endpoint)
-                self.retries = 0
-            elif ev == zmq.EVENT_CONNECT_RETRIED:
-                self.retries += 1
-                n = self.retries - _RETRIES_FIRST_LOG
-                if n >= 0 and n % _RETRIES_LOG_EVERY == 0:
-                    log.warning("%s: cannot connect to %s (%d attempts so far; retrying "
-                                "every %d ms at most): is the page server up, and is the "
-                                "endpoint right?", self.name, self.endpoint, self.retries,
-                                RECONNECT_MAX_MS)
+                self.retries, self._down_since, self._down_logged = 0, None, 0.0
             elif ev == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
                 self.reconnects += 1
                 log.warning("%s: disconnected from %s; reconnecting", self.name, self.endpoint)
+            elif ev in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_DISCONNECTED):
+                self._failed_attempt()  # refused, timed out, or dropped before the handshake
         return out
+
+    def _failed_attempt(self) -> None:
+        self.retries += 1
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        elif (now - self._down_since >= _DOWN_FIRST_LOG
+              and now - self._down_logged >= _DOWN_LOG_EVERY):
+            self._down_logged = now
+            log.warning("%s: cannot connect to %s for %.0f s (%d failed attempts; retrying "
+                        "every %d ms at most): is the page server up, and is the endpoint "
+                        "right?", self.name, self.endpoint, now - self._down_since,
+                        self.retries, RECONNECT_MAX_MS)
 
     def reset(self) -> None:
         self.close()

@@ -137,6 +137,15 @@ def test_metrics_listen_where_configured(page_server):
             scrape(ms.port)  # not on 127.0.0.1
 
 
+def test_an_address_not_on_this_host_is_a_config_error(page_server):
+    srv, _ = page_server
+    cfg = comm.CommConfig(metrics_port=0, metrics_addr="192.0.2.1")  # TEST-NET-1
+    with pytest.raises(comm.ConfigError, match="COMM_METRICS_ADDR"):
+        comm.Communicator([srv.endpoint], config=cfg)
+    with pytest.raises(comm.ConfigError, match="COMM_METRICS_ADDR"):
+        comm.CommConfig(metrics_addr=5)  # type: ignore[arg-type]
+
+
 def test_bad_port_is_a_config_error():
     with pytest.raises(comm.ConfigError, match="metrics port"):
         start_metrics_server(_StubComm(), -1)

@@ -155,3 +155,37 @@ def test_an_endpoint_that_never_connects_is_logged(caplog):
                                      for r in caplog.records), limit=10)
     msg = next(r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage())
     assert f"127.0.0.1:{port}" in msg and "comm-shard0-w0" in msg
+
+
+def test_a_listener_that_is_not_a_page_server_is_reported_not_flooded(caplog):
+    import logging
+    import socket
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    lsock.settimeout(0.1)
+    port = lsock.getsockname()[1]
+    stop = threading.Event()
+
+    def accept_and_drop() -> None:  # like a database port given by mistake
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    t = threading.Thread(target=accept_and_drop, daemon=True)
+    t.start()
+    caplog.set_level(logging.WARNING, logger="comm._conn")
+    try:
+        with comm.Communicator([f"tcp://127.0.0.1:{port}"]) as c:
+            assert _wait_for(lambda: any("cannot connect to" in r.getMessage()
+                                         for r in caplog.records), limit=10)
+            assert not c.stats()["shards"][0]["reconnects"]
+    finally:
+        stop.set()
+        t.join(5)
+        lsock.close()
+    assert not [r for r in caplog.records if "disconnected from" in r.getMessage()]
