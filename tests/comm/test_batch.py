@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fakeserver import FakeServer, fake_page
+from waiting import wait_for
 
 import comm
 from comm import RelTag
@@ -162,10 +163,7 @@ def test_a_failed_promotion_does_not_lose_the_join_slot():
             with pytest.raises(comm.CommClosed):
                 be.get_page(REL, 1, lsn=100)
             # the prefetch fails at its deadline; the joined slots come back to the ring
-            end = time.monotonic() + 5
-            while be.slots_in_use() and time.monotonic() < end:
-                time.sleep(0.05)
-            assert be.slots_in_use() == 0
+            assert wait_for(lambda: be.slots_in_use() == 0, timeout=5)
             srv.frozen = False
             assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
 

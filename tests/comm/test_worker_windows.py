@@ -8,21 +8,13 @@ from typing import Any
 
 import pytest
 from fakeserver import FakeServer
+from waiting import wait_for
 
 import comm
 from comm import RelTag
 
 REL = RelTag(1663, 5, 16384)
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_for(pred, limit: float = 5.0) -> bool:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def test_batches_wait_behind_a_single_page_read_then_flow():
@@ -40,7 +32,7 @@ def test_batches_wait_behind_a_single_page_read_then_flow():
 
         t = threading.Thread(target=single)
         t.start()
-        assert _wait_for(lambda: srv.requests == 1)
+        assert wait_for(lambda: srv.requests == 1, timeout=5)
         with c.backend() as be:
             assert be.prefetch(REL, range(100, 356), lsn=100) == 256  # 8 requests of 32
             # prefetches may use 3/4 of the 64-page window while a single read is out:
@@ -50,7 +42,7 @@ def test_batches_wait_behind_a_single_page_read_then_flow():
             t.join(10)
             assert len(errors) == 1
             # the single read gave up (deadline): nothing to protect, the rest flows
-            assert _wait_for(lambda: srv.requests == 9)
+            assert wait_for(lambda: srv.requests == 9, timeout=5)
 
 
 def test_batches_use_the_request_window_without_single_reads():
@@ -59,7 +51,7 @@ def test_batches_use_the_request_window_without_single_reads():
         srv.frozen = True
         with c.backend() as be:
             assert be.prefetch(REL, range(100, 356), lsn=100) == 256
-            assert _wait_for(lambda: srv.requests == 8)
+            assert wait_for(lambda: srv.requests == 8, timeout=5)
 
 
 class _Dealer:
@@ -151,8 +143,8 @@ def test_an_endpoint_that_never_connects_is_logged(caplog):
         port = s.getsockname()[1]
     caplog.set_level(logging.WARNING, logger="comm._conn")
     with comm.Communicator([f"tcp://127.0.0.1:{port}"]):
-        assert _wait_for(lambda: any("cannot connect to" in r.getMessage()
-                                     for r in caplog.records), limit=10)
+        assert wait_for(lambda: any("cannot connect to" in r.getMessage()
+                                     for r in caplog.records), timeout=10)
     msg = next(r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage())
     assert f"127.0.0.1:{port}" in msg and "comm-shard0-w0" in msg
 
@@ -181,8 +173,8 @@ def test_a_listener_that_is_not_a_page_server_is_reported_not_flooded(caplog):
     caplog.set_level(logging.WARNING, logger="comm._conn")
     try:
         with comm.Communicator([f"tcp://127.0.0.1:{port}"]) as c:
-            assert _wait_for(lambda: any("cannot connect to" in r.getMessage()
-                                         for r in caplog.records), limit=10)
+            assert wait_for(lambda: any("cannot connect to" in r.getMessage()
+                                         for r in caplog.records), timeout=10)
             assert not c.stats()["shards"][0]["reconnects"]
     finally:
         stop.set()

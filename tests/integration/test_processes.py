@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 import comm
 from shards import LocalCluster, generate_store
@@ -81,15 +82,6 @@ def commproc(cluster: LocalCluster, tmp_path: Path) -> Iterator[CommProcess]:
 def reader(ep: str, seed: int, n: int) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", READER, ep, str(seed), str(n)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def test_eight_backend_processes_read_verified_pages(commproc: CommProcess) -> None:
