@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shards import LocalCluster, RelTag, synth_page, synth_pages
+from shards import LocalCluster, RelTag
 
 from ._pagecomm import PagecommBackend, prefetch_buffer_pages
 from ._setup import (
@@ -50,6 +50,7 @@ from ._setup import (
     COPY_PATH,
     CPU_METHOD,
     Dataset,
+    ExpectedPages,
     Params,
     Recorder,
     Tally,
@@ -76,18 +77,12 @@ class _Spec:
     params: Params
 
 
-class _ChildData:
+class _ChildData(ExpectedPages):
     """The parts of Dataset a backend process uses (no store needed)."""
 
     def __init__(self, spec: _Spec) -> None:
         self.rels = [RelTag(*r) for r in spec.rels]
         self.lsn, self.nblocks = spec.lsn, spec.nblocks
-
-    def expected(self, rel: RelTag, blk: int) -> bytes:
-        return synth_page(rel, blk, self.lsn)
-
-    def expected_many(self, rel: RelTag, blks: list[int]) -> list[bytes]:
-        return synth_pages(rel, blks, self.lsn)
 
 
 # ------------------------------------------------------------------ child side

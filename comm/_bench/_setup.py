@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shards import LocalCluster, RelTag, shard_for, synth_page, synth_pages
+from shards import LocalCluster, RelTag, shard_for, synth_pages
 from shards._synth import generate_store
 
 VERIFY_EVERY = 50  # full byte comparison of one page in this many
@@ -66,7 +66,16 @@ class Params:
     seed: int = 1
 
 
-class Dataset:
+class ExpectedPages:
+    """What a page read at ``lsn`` must hold (the generator is deterministic)."""
+
+    lsn: int
+
+    def expected_many(self, rel: RelTag, blks: list[int]) -> list[bytes]:
+        return synth_pages(rel, blks, self.lsn)
+
+
+class Dataset(ExpectedPages):
     """The generated store: relations, the LSN and the expected bytes of any page."""
 
     def __init__(self, root: Path, p: Params, progress: bool) -> None:
@@ -79,11 +88,6 @@ class Dataset:
         self.shards: int = p.shards
         self.stripe: int = desc["stripe_size"]
 
-    def expected(self, rel: RelTag, blk: int) -> bytes:
-        return synth_page(rel, blk, self.lsn)
-
-    def expected_many(self, rel: RelTag, blks: list[int]) -> list[bytes]:
-        return synth_pages(rel, blks, self.lsn)
 
     def shard_of(self, rel: RelTag, blk: int) -> int:
         return shard_for(rel, blk, self.shards, self.stripe)
