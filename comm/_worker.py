@@ -355,7 +355,7 @@ class ShardWorker:
                     return
         # everything else (errors, other kinds, stale or mismatched replies, garbage)
         try:
-            rep = decode_reply([f.bytes for f in frames])
+            rep = decode_reply(frames)
         except ProtocolError as e:
             self.stats.bad_replies += 1
             self._reset(f"malformed reply: {e}")

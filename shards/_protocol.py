@@ -356,8 +356,10 @@ def _reason(frames: Sequence[bytes], status: int, nbody: int) -> str:
         raise ProtocolError("reason is not valid UTF-8") from None
 
 
-def decode_reply(frames: Sequence[bytes]) -> Reply:
-    """Parse and validate a reply; raises ProtocolError on anything malformed."""
+def decode_reply(frames: Sequence[Any]) -> Reply:
+    """Parse and validate a reply; raises ProtocolError on anything malformed. Frames
+    may be any bytes-like objects (``zmq.Frame`` included); what the reply carries
+    (pages, segment, reason) comes out as ``bytes``."""
     head = _check_frames(frames)
     _, kind, status, flags, rid, attempt, lsn, nms = _PREFIX.unpack_from(head)
     if not kind & REPLY_FLAG:

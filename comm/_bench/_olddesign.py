@@ -107,7 +107,7 @@ class OldBackend:
             if fast is not None:
                 got[fast[0]] = fast[6][0]
                 continue
-            r = decode_reply([f.bytes for f in frames])
+            r = decode_reply(frames)
             if r.status != Status.OK:
                 raise RuntimeError(f"old design: shard {shard} answered {r.status.name}: "
                                    f"{r.reason}")

@@ -100,7 +100,7 @@ def _loop(rec: Recorder, t: Any, poller: zmq.Poller, index: dict[zmq.Socket, int
                 if fast is not None:
                     rid, pages = fast[0], fast[6]
                 else:
-                    r = decode_reply([f.bytes for f in frames])
+                    r = decode_reply(frames)
                     rid = r.id
                     pages = r.pages if isinstance(r, GetPagesReply) and r.status == Status.OK \
                         else None
