@@ -24,8 +24,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shards._layout import open_shard_store, write_layout  # noqa: E402
 from shards._protocol import RequestClass, Status, decode_reply, encode_get_pages  # noqa: E402
-from shards._store import open_shard_store, write_layout  # noqa: E402
 from shards._types import BLCKSZ, RelTag  # noqa: E402
 
 REL = RelTag(1663, 5, 4242)

@@ -7,10 +7,11 @@ versioned page store, the page server and the PostgreSQL importer.
 from ._checksum import pg_checksum_page, verify_page_checksum
 from ._cluster import LocalCluster
 from ._errors import PgImportError, ProtocolError, ShardsError, StoreError
+from ._layout import open_shard_store, read_layout
 from ._pgimport import ImportResult, import_pgdata
 from ._server import PageServer, ServerFaults
 from ._shardmap import DEFAULT_STRIPE_SIZE, hash_combine, murmurhash32, shard_for
-from ._store import PageStore, open_shard_store, read_layout
+from ._store import PageStore
 from ._synth import generate_store, synth_page, synth_pages
 from ._types import (
     BLCKSZ,

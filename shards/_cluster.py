@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from ._errors import ShardsError
-from ._store import read_layout
+from ._layout import read_layout
 
 log = logging.getLogger(__name__)
 _PKG_PARENT = str(Path(__file__).resolve().parent.parent)

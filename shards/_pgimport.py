@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import PgImportError, StoreError
+from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
-from ._store import LAYOUT_FILE, PageStore, open_shard_store, read_layout, write_layout
+from ._store import PageStore
 from ._synth import _parse_lsn, format_lsn
 from ._types import BLCKSZ, FORK_SUFFIXES, MAX_LSN, RelTag
 

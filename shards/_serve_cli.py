@@ -44,7 +44,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve_cli(args: argparse.Namespace) -> int:
-    from ._store import open_shard_store, read_layout
+    from ._layout import open_shard_store, read_layout
 
     try:
         layout = read_layout(args.store)

@@ -23,8 +23,8 @@ A page version written before the newest drop of its relation (at or below the
 read LSN) is invisible, so a dropped-and-recreated relation never shows stale pages.
 
 ``last_lsn`` is raised automatically by every write (and by ``set_last_lsn``); it
-never goes down. A sharded store is a directory with ``layout.json`` and one store
-per shard in ``shard-NNNN``.
+never goes down. A sharded store (a directory of these, one per shard) is in
+_layout.py.
 """
 
 from __future__ import annotations
@@ -42,12 +42,9 @@ import lmdb
 
 from ._errors import StoreError
 from ._protocol import MAX_SLRU_SEGMENT_BYTES
-from ._shardmap import check_shard_params
 from ._types import BLCKSZ, MAX_BLOCKNO, MAX_LSN, MAX_UINT32, RelTag, check_reltag
 
 DEFAULT_MAP_SIZE = 64 << 30
-LAYOUT_FILE = "layout.json"
-LAYOUT_VERSION = 1
 
 _REL = struct.Struct(">IIIB")
 _PAGE_KEY = struct.Struct(">IIIBIQ")
@@ -454,53 +451,3 @@ class PageStore:
     def set_meta(self, meta: dict[str, Any]) -> None:
         with self.batch() as b:
             b.set_meta(meta)
-
-
-# ---------------------------------------------------------------- sharded layout
-
-def shard_store_path(store_dir: str | os.PathLike[str], shard: int) -> Path:
-    """Directory of shard ``shard``'s store inside a sharded store directory."""
-    return Path(store_dir) / f"shard-{_int('shard', shard, 0, 254):04d}"
-
-
-def write_layout(store_dir: str | os.PathLike[str], shard_count: int, stripe_size: int) -> None:
-    """Create ``store_dir`` and write its ``layout.json`` (atomically)."""
-    check_shard_params(shard_count, stripe_size)
-    d = Path(store_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / (LAYOUT_FILE + ".tmp")
-    tmp.write_text(json.dumps({"shard_count": shard_count, "stripe_size": stripe_size,
-                               "version": LAYOUT_VERSION}) + "\n")
-    os.replace(tmp, d / LAYOUT_FILE)
-
-
-def read_layout(store_dir: str | os.PathLike[str]) -> dict[str, int]:
-    """``{shard_count, stripe_size, version}`` of a sharded store directory."""
-    path = Path(store_dir) / LAYOUT_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{path} not found: {store_dir} is not a sharded page store") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict) or raw.get("version") != LAYOUT_VERSION:
-        raise StoreError(f"{path}: unknown layout version {raw.get('version')!r}"
-                         if isinstance(raw, dict) else f"{path}: not a JSON object")
-    try:
-        check_shard_params(raw.get("shard_count"), raw.get("stripe_size"))  # type: ignore[arg-type]
-    except ValueError as e:
-        raise StoreError(f"{path}: {e}") from None
-    return {"shard_count": raw["shard_count"], "stripe_size": raw["stripe_size"],
-            "version": raw["version"]}
-
-
-def open_shard_store(store_dir: str | os.PathLike[str], shard: int, readonly: bool = False,
-                     **kwargs: Any) -> PageStore:
-    """Open shard ``shard`` of a sharded store directory (checked against layout.json
-    when it exists)."""
-    path = shard_store_path(store_dir, shard)
-    if (Path(store_dir) / LAYOUT_FILE).exists():
-        count = read_layout(store_dir)["shard_count"]
-        if shard >= count:
-            raise ValueError(f"shard={shard} is outside 0..{count - 1} of {store_dir}")
-    return PageStore(path, readonly=readonly, **kwargs)

@@ -31,9 +31,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._checksum import pg_checksum_pages
+from ._layout import open_shard_store, write_layout
 from ._protocol import SLRU_PAGES_PER_SEGMENT
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
-from ._store import open_shard_store, write_layout
 from ._types import BLCKSZ, MAIN_FORKNUM, MAX_BLOCKNO, MAX_LSN, RelTag, check_reltag
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ import zmq
 
 from shards._cluster import LocalCluster
 from shards._errors import ShardsError
+from shards._layout import open_shard_store, write_layout
 from shards._protocol import (
     GetPagesRequest,
     RelSizeRequest,
@@ -19,7 +20,6 @@ from shards._protocol import (
     encode_request,
 )
 from shards._shardmap import shard_for
-from shards._store import open_shard_store, write_layout
 from shards._types import BLCKSZ, RelTag
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(60)]

@@ -13,9 +13,10 @@ from pgcluster import PgCluster, relation_pages
 from shards import PgImportError
 from shards.__main__ import main
 from shards._checksum import verify_page_checksums
+from shards._layout import open_shard_store, read_layout
 from shards._pgimport import import_pgdata
 from shards._shardmap import shard_for
-from shards._store import PageStore, open_shard_store, read_layout
+from shards._store import PageStore
 from shards._types import RelTag
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]

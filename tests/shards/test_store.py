@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from shards._errors import StoreError
-from shards._store import (
-    PageStore,
-    open_shard_store,
-    read_layout,
-    shard_store_path,
-    write_layout,
-)
+from shards._layout import open_shard_store, read_layout, shard_store_path, write_layout
+from shards._store import PageStore
 from shards._types import BLCKSZ, MAX_BLOCKNO, MAX_LSN, RelTag
 
 REL = RelTag(1663, 16384, 16397)

@@ -9,8 +9,8 @@ import pytest
 
 from shards.__main__ import main
 from shards._checksum import verify_page_checksum
+from shards._layout import open_shard_store, read_layout
 from shards._shardmap import shard_for
-from shards._store import open_shard_store, read_layout
 from shards._synth import (
     SYNTH_DB,
     generate_store,

@@ -1,0 +1,64 @@
+"""A sharded page store: a directory with ``layout.json`` (shard count, stripe size)
+and one PageStore per shard in ``shard-NNNN``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ._errors import StoreError
+from ._shardmap import check_shard_params
+from ._store import PageStore, _int
+
+LAYOUT_FILE = "layout.json"
+LAYOUT_VERSION = 1
+
+
+def shard_store_path(store_dir: str | os.PathLike[str], shard: int) -> Path:
+    """Directory of shard ``shard``'s store inside a sharded store directory."""
+    return Path(store_dir) / f"shard-{_int('shard', shard, 0, 254):04d}"
+
+
+def write_layout(store_dir: str | os.PathLike[str], shard_count: int, stripe_size: int) -> None:
+    """Create ``store_dir`` and write its ``layout.json`` (atomically)."""
+    check_shard_params(shard_count, stripe_size)
+    d = Path(store_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (LAYOUT_FILE + ".tmp")
+    tmp.write_text(json.dumps({"shard_count": shard_count, "stripe_size": stripe_size,
+                               "version": LAYOUT_VERSION}) + "\n")
+    os.replace(tmp, d / LAYOUT_FILE)
+
+
+def read_layout(store_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """``{shard_count, stripe_size, version}`` of a sharded store directory."""
+    path = Path(store_dir) / LAYOUT_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} not found: {store_dir} is not a sharded page store") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict) or raw.get("version") != LAYOUT_VERSION:
+        raise StoreError(f"{path}: unknown layout version {raw.get('version')!r}"
+                         if isinstance(raw, dict) else f"{path}: not a JSON object")
+    try:
+        check_shard_params(raw.get("shard_count"), raw.get("stripe_size"))  # type: ignore[arg-type]
+    except ValueError as e:
+        raise StoreError(f"{path}: {e}") from None
+    return {"shard_count": raw["shard_count"], "stripe_size": raw["stripe_size"],
+            "version": raw["version"]}
+
+
+def open_shard_store(store_dir: str | os.PathLike[str], shard: int, readonly: bool = False,
+                     **kwargs: Any) -> PageStore:
+    """Open shard ``shard`` of a sharded store directory (checked against layout.json
+    when it exists)."""
+    path = shard_store_path(store_dir, shard)
+    if (Path(store_dir) / LAYOUT_FILE).exists():
+        count = read_layout(store_dir)["shard_count"]
+        if shard >= count:
+            raise ValueError(f"shard={shard} is outside 0..{count - 1} of {store_dir}")
+    return PageStore(path, readonly=readonly, **kwargs)
