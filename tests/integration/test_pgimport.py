@@ -5,6 +5,8 @@ the old versions readable at the old LSN and drops the old relfilenode."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,15 @@ pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]
 SHARDS, STRIPE = 4, 64  # a small stripe spreads even pgbench's tables over all shards
 
 
-def open_all(store_dir: Path) -> list[PageStore]:
-    return [open_shard_store(store_dir, s, readonly=True) for s in range(SHARDS)]
+@contextlib.contextmanager
+def open_all(store_dir: Path) -> Iterator[list[PageStore]]:
+    """Every shard's store, read-only, closed on the way out."""
+    stores = [open_shard_store(store_dir, s, readonly=True) for s in range(SHARDS)]
+    try:
+        yield stores
+    finally:
+        for st in stores:
+            st.close()
 
 
 def check_pages(stores: list[PageStore], files: dict, lsn: int) -> None:
@@ -68,47 +77,11 @@ def test_import_and_reimport(pg_cluster: PgCluster, tmp_path: Path) -> None:
 
 
 def _run_import_and_reimport(pg: PgCluster, store_dir: Path) -> None:
-    lsn1 = pg.checkpoint_lsn()
-    files1 = relation_pages(pg.pgdata)
-    r1 = import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE)
-    assert r1.lsn == lsn1
-    assert r1.pages_seen == r1.pages_written == len(files1)
-    assert read_layout(store_dir)["shard_count"] == SHARDS
-    stores = open_all(store_dir)
-    try:
-        check_pages(stores, files1, lsn1)
-        for rel, n in nblocks_of(files1).items():
-            assert all(st.nblocks(rel, lsn1) == n for st in stores), rel
-        assert all(st.last_lsn == lsn1 for st in stores)
-        assert stores[0].get_slru(0, 0, lsn1) is not None  # pg_xact/0000
-        dbs = [int(d.name) for d in (pg.pgdata / "base").iterdir() if d.name.isdigit()]
-        assert all(stores[0].db_size(db, lsn1) > 0 for db in dbs)
-    finally:
-        for st in stores:
-            st.close()
-
-    # traffic, and a TRUNCATE that moves pgbench_tellers (and its index) to new files
-    pg.start()
-    old_node = int(pg.psql("SELECT pg_relation_filenode('pgbench_tellers');"))
-    pg.pgbench("-t", "200", "-n")
-    pg.psql("TRUNCATE pgbench_tellers;")
-    new_node = int(pg.psql("SELECT pg_relation_filenode('pgbench_tellers');"))
-    db = int(pg.psql("SELECT oid FROM pg_database WHERE datname = 'postgres';"))
-    pg.checkpoint()
-    pg.stop()
-    assert new_node != old_node
-    lsn2 = pg.checkpoint_lsn()
+    lsn1, files1 = _first_import(pg, store_dir)
+    old_rel = _traffic_and_truncate(pg)
+    lsn2, files2 = _reimport(pg, store_dir, files1)
     assert lsn2 > lsn1
-    files2 = relation_pages(pg.pgdata)
-    changed = sum(1 for k, p in files2.items() if files1.get(k) != p)
-    assert 0 < changed < len(files2)
-
-    r2 = import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE)
-    assert (r2.lsn, r2.pages_seen, r2.pages_written) == (lsn2, len(files2), changed)
-    assert r2.dropped >= 2  # the table's and its index's old relfilenodes
-    old_rel = RelTag(1663, db, old_node, 0)
-    stores = open_all(store_dir)
-    try:
+    with open_all(store_dir) as stores:
         check_pages(stores, files2, lsn2)
         check_pages(stores, files1, lsn1)  # the old versions are still there
         for st in stores:
@@ -119,9 +92,6 @@ def _run_import_and_reimport(pg: PgCluster, store_dir: Path) -> None:
             assert st.last_lsn == lsn2
         owner = shard_for(old_rel, 0, SHARDS, STRIPE)
         assert stores[owner].get_page(old_rel, 0, lsn1) == files1[(tuple(old_rel), 0)]
-    finally:
-        for st in stores:
-            st.close()
 
     # same data at a later LSN: nothing to write; an older LSN is refused
     r3 = import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE,
@@ -131,6 +101,52 @@ def _run_import_and_reimport(pg: PgCluster, store_dir: Path) -> None:
         import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE, lsn=lsn1)
     with pytest.raises(PgImportError, match="shard"):
         import_pgdata(pg.pgdata, store_dir, shard_count=2, stripe_size=STRIPE)
+
+
+def _first_import(pg: PgCluster, store_dir: Path) -> tuple[int, dict]:
+    """Import the stopped cluster; every page, size, SLRU and db size is there."""
+    lsn1 = pg.checkpoint_lsn()
+    files1 = relation_pages(pg.pgdata)
+    r1 = import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE)
+    assert r1.lsn == lsn1
+    assert r1.pages_seen == r1.pages_written == len(files1)
+    assert read_layout(store_dir)["shard_count"] == SHARDS
+    with open_all(store_dir) as stores:
+        check_pages(stores, files1, lsn1)
+        for rel, n in nblocks_of(files1).items():
+            assert all(st.nblocks(rel, lsn1) == n for st in stores), rel
+        assert all(st.last_lsn == lsn1 for st in stores)
+        assert stores[0].get_slru(0, 0, lsn1) is not None  # pg_xact/0000
+        dbs = [int(d.name) for d in (pg.pgdata / "base").iterdir() if d.name.isdigit()]
+        assert all(stores[0].db_size(db, lsn1) > 0 for db in dbs)
+    return lsn1, files1
+
+
+def _traffic_and_truncate(pg: PgCluster) -> RelTag:
+    """pgbench traffic, and a TRUNCATE that moves pgbench_tellers (and its index) to
+    new files; returns the table's old relation."""
+    pg.start()
+    old_node = int(pg.psql("SELECT pg_relation_filenode('pgbench_tellers');"))
+    pg.pgbench("-t", "200", "-n")
+    pg.psql("TRUNCATE pgbench_tellers;")
+    new_node = int(pg.psql("SELECT pg_relation_filenode('pgbench_tellers');"))
+    db = int(pg.psql("SELECT oid FROM pg_database WHERE datname = 'postgres';"))
+    pg.checkpoint()
+    pg.stop()
+    assert new_node != old_node
+    return RelTag(1663, db, old_node, 0)
+
+
+def _reimport(pg: PgCluster, store_dir: Path, files1: dict) -> tuple[int, dict]:
+    """Import again: only the changed pages are written, the old files are dropped."""
+    lsn2 = pg.checkpoint_lsn()
+    files2 = relation_pages(pg.pgdata)
+    changed = sum(1 for k, p in files2.items() if files1.get(k) != p)
+    assert 0 < changed < len(files2)
+    r2 = import_pgdata(pg.pgdata, store_dir, shard_count=SHARDS, stripe_size=STRIPE)
+    assert (r2.lsn, r2.pages_seen, r2.pages_written) == (lsn2, len(files2), changed)
+    assert r2.dropped >= 2  # the table's and its index's old relfilenodes
+    return lsn2, files2
 
 
 def test_cli_and_refusals(pg_cluster: PgCluster, tmp_path: Path,
@@ -177,22 +193,14 @@ def test_interrupted_import_is_rerun_safely(pg_cluster: PgCluster, tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         import_pgdata(pg_cluster.pgdata, store, shard_count=SHARDS, stripe_size=STRIPE)
     monkeypatch.setattr(mod._Importer, "flush", real_flush)
-    stores = open_all(store)
-    try:
+    with open_all(store) as stores:
         assert all("imported_lsn" not in st.meta() for st in stores)
         lsn = pg_cluster.checkpoint_lsn()
         partial = sum(len(st.relations(lsn)) for st in stores)
         assert partial == 0  # sizes come last: the half-import is not visible as relations
-    finally:
-        for st in stores:
-            st.close()
     files = relation_pages(pg_cluster.pgdata)
     r = import_pgdata(pg_cluster.pgdata, store, shard_count=SHARDS, stripe_size=STRIPE)
     assert 0 < r.pages_written < len(files) == r.pages_seen
-    stores = open_all(store)
-    try:
+    with open_all(store) as stores:
         check_pages(stores, files, lsn)
         assert all(st.meta()["imported_lsn"] == lsn for st in stores)
-    finally:
-        for st in stores:
-            st.close()
