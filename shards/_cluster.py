@@ -104,9 +104,24 @@ class LocalCluster:
             p.kill()
         p.wait()
 
-    def freeze(self, i: int) -> None:
-        """SIGSTOP shard ``i``: connections stay up, nothing is answered."""
-        self._proc(i).send_signal(signal.SIGSTOP)
+    def freeze(self, i: int, timeout: float = 5.0) -> None:
+        """SIGSTOP shard ``i`` and wait until it IS stopped: connections stay up,
+        nothing is answered.
+
+        A stop takes effect only when each of the child's threads next leaves the
+        kernel; a thread in an uninterruptible wait (an LMDB page fault on a busy
+        disk) can keep answering for a while after kill() returns. Callers that
+        assert "no reply while frozen" need the stop to have happened.
+        """
+        p = self._proc(i)
+        p.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(p.pid):
+            if p.poll() is not None:
+                raise ShardsError(f"shard {i} (pid {p.pid}) exited while being frozen")
+            if time.monotonic() > deadline:
+                raise ShardsError(f"shard {i} (pid {p.pid}) did not stop within {timeout} s")
+            time.sleep(0.002)
 
     def thaw(self, i: int) -> None:
         """SIGCONT shard ``i`` after :meth:`freeze`."""
@@ -201,3 +216,19 @@ class LocalCluster:
             p.stdout.close()
         if err is not None:
             err.close()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True once every thread of ``pid`` is in the stopped state (Linux /proc).
+
+    Where /proc is not there the stop cannot be observed; report it done, which is
+    what kill() returning meant before."""
+    task_dir = Path(f"/proc/{pid}/task")
+    if not Path("/proc/self/task").is_dir():
+        return True
+    try:
+        stats = [(t / "stat").read_text() for t in task_dir.iterdir()]
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # a thread came or went while listing; look again
+    # the state follows the ")" that closes the command name, which may hold spaces
+    return bool(stats) and all(st[st.rindex(")") + 2] in "tT" for st in stats)

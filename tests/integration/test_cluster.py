@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
+from waiting import wait_for
 
-from shards._cluster import LocalCluster
+from shards._cluster import LocalCluster, _all_threads_stopped
 from shards._errors import ShardsError
 from shards._layout import open_shard_store, write_layout
 from shards._protocol import (
@@ -113,3 +117,16 @@ def test_cluster_start_failure_reports_stderr(store_dir: Path) -> None:
         LocalCluster(store_dir, extra_args=["--stripe-size", "7"]).start()
     with pytest.raises(ShardsError, match="exited with status"):
         LocalCluster(store_dir, extra_args=["--no-such-flag"]).start()
+
+
+def test_stop_detection_sees_a_stopped_and_a_running_process() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not _all_threads_stopped(p.pid)
+        p.send_signal(signal.SIGSTOP)
+        assert wait_for(lambda: _all_threads_stopped(p.pid), timeout=5.0)
+        p.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: not _all_threads_stopped(p.pid), timeout=5.0)
+    finally:
+        p.kill()
+        p.wait()
