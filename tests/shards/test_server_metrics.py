@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 from promtext import scrape, value
+from waiting import wait_for
 
 import shards
 from shards.protocol import GetPagesRequest, RequestClass, Status, decode_reply, encode_request
@@ -46,6 +47,10 @@ def test_scrape_moves_with_reads(server):
     assert ask(srv.endpoint, ok) == Status.OK
     missing = GetPagesRequest(2, 0, RequestClass.PREFETCH, lsn, lsn, rel, (10_000,))
     assert ask(srv.endpoint, missing) == Status.NOT_FOUND
+    # the server folds an iteration's counters into its totals after sending that
+    # iteration's replies, so a scrape right after a reply may be one iteration behind
+    assert wait_for(lambda: value(scrape(port), "pagecomm_server_errors_total",
+                                  status="not_found") == 1, timeout=5.0)
     after = scrape(port)
     assert value(after, "pagecomm_server_pages_served_total", shard="0") == 3
     assert value(after, "pagecomm_server_requests_total", kind="get_pages") == 2
