@@ -284,6 +284,20 @@ def test_latency_overlaps(serve) -> None:
     assert 0.05 <= elapsed < 0.5, elapsed  # serialised would be 1.0 s
 
 
+def test_sub_millisecond_latency_waits_without_spinning(serve) -> None:
+    # zmq's poll counts whole milliseconds: a reply due in under one used to make the
+    # loop spin with poll(0), a core per server under the bench's 0.5 ms latency
+    srv, c = serve(latency=0.0008)
+    c.call(c.get([0], lsn=15))  # warm-up
+    clock = time.pthread_getcpuclockid(srv._thread.ident)
+    cpu0, t0 = time.clock_gettime(clock), time.monotonic()
+    for i in range(40):
+        assert c.call(c.get([i % 8], lsn=15)).status == Status.OK
+    cpu, wall = time.clock_gettime(clock) - cpu0, time.monotonic() - t0
+    assert wall >= 40 * 0.0008  # every reply waited out its latency
+    assert cpu < 0.5 * wall, (cpu, wall)  # ... asleep, not spinning
+
+
 def test_faults(serve, store: PageStore) -> None:
     faults = ServerFaults(seed=1)
     srv, c = serve(faults=faults)
