@@ -99,6 +99,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-pages", type=int, default=0,
                    help="pagecomm prefetch buffer (default: backends x (distance + batch), "
                    "at least 4096)")
+    p.add_argument("--scan-rate", type=float, default=0.0, metavar="PAGES_PER_S",
+                   help="pace each scanning backend to this many pages/s (default 0: as fast "
+                   "as it can); with --random-rate, a load that leaves the CPU some room")
+    p.add_argument("--random-rate", type=float, default=0.0, metavar="READS_PER_S",
+                   help="pace each random reader to this many reads/s (default 0: closed "
+                   "loop); the pause is outside the timed call")
     p.add_argument("--chaos", type=float, metavar="SECONDS", default=None,
                    help="instead of the benchmark: a chaos soak of this many seconds (kill -9, "
                    "restart, freeze page servers under --backends readers; counts every outcome)")
@@ -142,17 +148,25 @@ def run_cli(args: argparse.Namespace) -> int:
         args.latency_ms, args.pages_per_rel, args.rels = [0.0], 1024, 4
     if args.pages_per_rel < args.scan_batch or args.scan_batch > 32:
         sys.exit("bench: need --pages-per-rel >= --scan-batch and --scan-batch <= 32")
+    for flag, rate in (("--scan-rate", args.scan_rate), ("--random-rate", args.random_rate)):
+        if not rate >= 0.0 or rate == float("inf"):  # also refuses nan
+            sys.exit(f"bench: {flag} must be a finite number >= 0 (0 = unpaced), not {rate}")
     params = Params(shards=args.shards, threads_per_shard=args.threads_per_shard,
                     inflight=args.inflight,
                     inflight_pages=args.inflight_pages, duration=args.duration, rels=args.rels,
                     pages_per_rel=args.pages_per_rel, scan_batch=args.scan_batch,
-                    distance=args.distance, prefetch_pages=args.prefetch_pages)
+                    distance=args.distance, prefetch_pages=args.prefetch_pages,
+                    scan_rate=args.scan_rate, random_rate=args.random_rate)
     args.out.mkdir(parents=True, exist_ok=True)
     cells = _run(args, params)
     ts = _report.targets(cells, params.shards)
     print(_report.table(cells))
     print()
     print(_report.targets_table(ts))
+    if params.paced:
+        print(f"  (paced run: scanners {params.scan_rate:g} pages/s, random readers "
+              f"{params.random_rate:g} reads/s, 0 = unpaced; the targets are defined for "
+              f"unpaced runs)")
     pvt = _report.proc_vs_threads(cells)
     if pvt["pairs"]:
         print()

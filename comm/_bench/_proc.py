@@ -110,7 +110,7 @@ def backend_process(spec: _Spec, i: int, role: str, go: Any, stop: Any, out: Any
             return
         threading.Thread(target=_watch, args=(stop, rec.stop, ppid), daemon=True).start()
         if role == "random":
-            _random(reader, rec, t, i)
+            _random(reader, rec, t, i, spec.params.random_rate)
         else:
             _scan(reader, rec, t, i, spec.params, role == "samescan")
     except Exception as e:

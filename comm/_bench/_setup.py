@@ -64,6 +64,12 @@ class Params:
     distance: int = 128       # prefetch distance (old design: the ring size)
     prefetch_pages: int = 0   # pagecomm's shared buffer; 0 = backends * (distance + batch)
     seed: int = 1
+    scan_rate: float = 0.0    # pages/s per scanning backend; 0 = as fast as it can
+    random_rate: float = 0.0  # reads/s per random reader; 0 = closed loop
+
+    @property
+    def paced(self) -> bool:
+        return bool(self.scan_rate or self.random_rate)
 
 
 class ExpectedPages:

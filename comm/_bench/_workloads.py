@@ -22,6 +22,10 @@ shared buffer, bounded by buffer size / data set size).
 
 Workload ``mixed`` runs two phases: the random half alone, then the same random
 half while the other half scans; it reports the random readers' p99 in both.
+``--scan-rate`` and ``--random-rate`` pace scanners and random readers (a pause after
+each recorded call): a load below what the machine can do, so that the mixed
+workload can show the communicator's priorities rather than the CPU's share.
+
 Design (a), raw, is a single pipelined client thread (see _raw.py). Design (d),
 proc, runs these same loops in backend PROCESSES attached to one ``python -m comm
 serve`` (see _proc.py).
@@ -144,7 +148,7 @@ def _backend_main(d: Any, rec: Recorder, i: int, role: str, p: Params) -> None:
         reader.get_page(rec.ds.rels[0], 0)  # warm-up: connections, pipes
         rec.barrier.wait(timeout=60)
         if role == "random":
-            _random(reader, rec, t, i)
+            _random(reader, rec, t, i, p.random_rate)
         else:
             _scan(reader, rec, t, i, p, role == "samescan")
     except threading.BrokenBarrierError:
@@ -158,9 +162,28 @@ def _backend_main(d: Any, rec: Recorder, i: int, role: str, p: Params) -> None:
         rec.verify(t)
 
 
-def _random(reader: Any, rec: Recorder, t: Tally, i: int) -> None:
+class _Pacer:
+    """Holds a loop to ``rate`` units per second (0: no limit). The pause comes after a
+    call has been recorded, so a paced call's latency is the call's alone; a loop that
+    fell behind does not make up for it in a burst."""
+
+    def __init__(self, rate: float, stop: threading.Event) -> None:
+        self.rate, self.stop = rate, stop
+        self.next = time.monotonic()
+
+    def pause(self, units: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self.next = max(self.next, now) + units / self.rate
+        if self.next > now:
+            self.stop.wait(self.next - now)
+
+
+def _random(reader: Any, rec: Recorder, t: Tally, i: int, rate: float = 0.0) -> None:
     rng, rels, n = rec.rng(i), rec.ds.rels, rec.ds.nblocks
     stop, lat, pc = rec.stop, t.lat, time.perf_counter
+    pacer = _Pacer(rate, stop)
     while not stop.is_set():
         rel, blk = rels[rng.randrange(len(rels))], rng.randrange(n)
         t0 = pc()
@@ -177,6 +200,7 @@ def _random(reader: Any, rec: Recorder, t: Tally, i: int) -> None:
         lat.append(dt)
         t.calls += 1
         rec.check(t, rel, blk, page)
+        pacer.pause(1)
 
 
 def _scan(reader: Any, rec: Recorder, t: Tally, i: int, p: Params, same: bool) -> None:
@@ -185,6 +209,7 @@ def _scan(reader: Any, rec: Recorder, t: Tally, i: int, p: Params, same: bool) -
     r = 0 if same else rng.randrange(len(rels))
     pos = 0 if same else rng.randrange(max(1, n // p.scan_batch)) * p.scan_batch
     reader.start_scan(rels[r], pos)
+    pacer = _Pacer(p.scan_rate, stop)
     while not stop.is_set():
         k = min(p.scan_batch, n - pos)
         t0 = pc()
@@ -203,6 +228,7 @@ def _scan(reader: Any, rec: Recorder, t: Tally, i: int, p: Params, same: bool) -
         t.calls += 1
         for j, page in enumerate(pages):
             rec.check(t, rels[r], pos + j, page)
+        pacer.pause(k)
         pos += k
         if pos >= n:
             r = (r + 1) % len(rels)

@@ -103,3 +103,47 @@ def test_proc_vs_threads_defaults() -> None:
     a = p.parse_args([])
     _defaults(a)
     assert "proc" not in a.designs and a.backends == [1, 16, 64]
+
+
+@pytest.mark.servers
+@pytest.mark.timeout(60)
+def test_bench_paced_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--scan-rate / --random-rate hold each backend to its rate; the calls stay timed alone."""
+    out = tmp_path / "out"
+    assert main(["--quick", "--no-progress", "--no-plots", "--designs", "pagecomm",
+                 "--workloads", "random,scan", "--duration", "0.3", "--scan-rate", "3200",
+                 "--random-rate", "100", "--out", str(out)]) == 0
+    assert "paced run: scanners 3200 pages/s, random readers 100 reads/s" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["params"]["scan_rate"] == 3200 and doc["params"]["random_rate"] == 100
+    cells = {c["workload"]: c for c in doc["cells"]}
+    # 2 backends x 100 reads/s; 2 x 3200 pages/s (slack for the window's edges)
+    assert 0 < cells["random"]["pages_per_s"] <= 2 * 100 * 1.5
+    assert 0 < cells["scan"]["pages_per_s"] <= 2 * 3200 * 1.5
+    assert all(c["wrong"] == 0 and c["errors"] == 0 for c in doc["cells"])
+
+
+@pytest.mark.parametrize("flag", ["--scan-rate", "--random-rate"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bench_refuses_bad_rates(flag: str, value: str) -> None:
+    with pytest.raises(SystemExit, match=f"{flag} must be a finite number >= 0"):
+        main(["--quick", "--no-progress", flag, value])
+
+
+def test_pacer_holds_the_rate_and_stops_at_once() -> None:
+    import threading
+    import time
+
+    from comm._bench._workloads import _Pacer
+
+    stop = threading.Event()
+    p = _Pacer(200.0, stop)
+    t0 = time.monotonic()
+    for _ in range(10):
+        p.pause(1)
+    assert time.monotonic() - t0 >= 10 / 200 * 0.9  # never faster than the rate
+    _Pacer(0.0, stop).pause(10**6)  # unpaced: no pause at all
+    stop.set()
+    t0 = time.monotonic()
+    _Pacer(0.001, stop).pause(1)  # 1000 s due, but the cell is over
+    assert time.monotonic() - t0 < 5
