@@ -119,7 +119,8 @@ class LocalCluster:
         while not _all_threads_stopped(p.pid):
             if p.poll() is not None:
                 raise ShardsError(f"shard {i} (pid {p.pid}) exited while being frozen")
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline:  # leave it running, as it was
+                p.send_signal(signal.SIGCONT)
                 raise ShardsError(f"shard {i} (pid {p.pid}) did not stop within {timeout} s")
             time.sleep(0.002)
 

@@ -149,8 +149,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.pages_per_rel < args.scan_batch or args.scan_batch > 32:
         sys.exit("bench: need --pages-per-rel >= --scan-batch and --scan-batch <= 32")
     for flag, rate in (("--scan-rate", args.scan_rate), ("--random-rate", args.random_rate)):
-        if not rate >= 0.0 or rate == float("inf"):  # also refuses nan
-            sys.exit(f"bench: {flag} must be a finite number >= 0 (0 = unpaced), not {rate}")
+        if not (rate == 0.0 or 0.01 <= rate < float("inf")):  # also refuses nan
+            sys.exit(f"bench: {flag} must be 0 (unpaced) or a finite number >= 0.01, "
+                     f"not {rate}")
     params = Params(shards=args.shards, threads_per_shard=args.threads_per_shard,
                     inflight=args.inflight,
                     inflight_pages=args.inflight_pages, duration=args.duration, rels=args.rels,
@@ -165,8 +166,8 @@ def run_cli(args: argparse.Namespace) -> int:
     print(_report.targets_table(ts))
     if params.paced:
         print(f"  (paced run: scanners {params.scan_rate:g} pages/s, random readers "
-              f"{params.random_rate:g} reads/s, 0 = unpaced; the targets are defined for "
-              f"unpaced runs)")
+              f"{params.random_rate:g} reads/s, 0 = unpaced; raw is never paced; the "
+              f"targets are defined for unpaced runs)")
     pvt = _report.proc_vs_threads(cells)
     if pvt["pairs"]:
         print()

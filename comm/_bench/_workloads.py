@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shards import LocalCluster
@@ -167,15 +168,19 @@ class _Pacer:
     call has been recorded, so a paced call's latency is the call's alone; a loop that
     fell behind does not make up for it in a burst."""
 
-    def __init__(self, rate: float, stop: threading.Event) -> None:
-        self.rate, self.stop = rate, stop
-        self.next = time.monotonic()
+    def __init__(self, rate: float, stop: threading.Event,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.stop, self.clock = rate, stop, clock
+        self.next = clock()
 
     def pause(self, units: int) -> None:
         if not self.rate:
             return
-        now = time.monotonic()
-        self.next = max(self.next, now) + units / self.rate
+        now = self.clock()
+        # the next call is due one interval after the last one was due (so the
+        # interval includes the call's own time); a loop that fell behind starts
+        # again from now instead of making up for it
+        self.next = max(self.next + units / self.rate, now)
         if self.next > now:
             self.stop.wait(self.next - now)
 
@@ -193,6 +198,7 @@ def _random(reader: Any, rec: Recorder, t: Tally, i: int, rate: float = 0.0) -> 
             t.errors += 1
             if t.errors > _MAX_ERRORS:
                 raise
+            pacer.pause(1)  # a failed call is paced like any other
             continue
         dt = pc() - t0
         if stop.is_set():
@@ -220,6 +226,7 @@ def _scan(reader: Any, rec: Recorder, t: Tally, i: int, p: Params, same: bool) -
             if t.errors > _MAX_ERRORS:
                 raise
             reader.start_scan(rels[r], pos)
+            pacer.pause(k)
             continue
         dt = pc() - t0
         if stop.is_set():

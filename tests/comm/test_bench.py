@@ -124,9 +124,9 @@ def test_bench_paced_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 @pytest.mark.parametrize("flag", ["--scan-rate", "--random-rate"])
-@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e-10"])
 def test_bench_refuses_bad_rates(flag: str, value: str) -> None:
-    with pytest.raises(SystemExit, match=f"{flag} must be a finite number >= 0"):
+    with pytest.raises(SystemExit, match=f"{flag} must be 0 .unpaced. or a finite number >= 0.01"):
         main(["--quick", "--no-progress", flag, value])
 
 
@@ -142,6 +142,28 @@ def test_pacer_holds_the_rate_and_stops_at_once() -> None:
     for _ in range(10):
         p.pause(1)
     assert time.monotonic() - t0 >= 10 / 200 * 0.9  # never faster than the rate
+    # the interval includes the call: 5 ms calls paced at 100/s still make 100/s, not
+    # 1 / (5 + 10 ms); simulated time, so the figures are exact
+    clock = [1000.0]
+    waits: list[float] = []
+
+    class FakeStop:
+        def wait(self, d: float) -> None:
+            waits.append(d)
+            clock[0] += d
+
+    p = _Pacer(100.0, FakeStop(), clock=lambda: clock[0])  # type: ignore[arg-type]
+    for _ in range(100):
+        clock[0] += 0.005  # the call
+        p.pause(1)
+    assert clock[0] - 1000.0 == pytest.approx(100 / 100.0)  # 100 calls in 1 s
+    p.pause(1)
+    clock[0] += 5.0  # a loop that fell behind does not burst to catch up
+    waits.clear()
+    p.pause(1)
+    assert not waits
+    p.pause(1)
+    assert waits == [pytest.approx(0.01)]
     _Pacer(0.0, stop).pause(10**6)  # unpaced: no pause at all
     stop.set()
     t0 = time.monotonic()

@@ -119,6 +119,7 @@ def test_cluster_start_failure_reports_stderr(store_dir: Path) -> None:
         LocalCluster(store_dir, extra_args=["--no-such-flag"]).start()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_stop_detection_sees_a_stopped_and_a_running_process() -> None:
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
