@@ -383,7 +383,8 @@ class Backend:
         """Hand a job to worker ``w``: append to its inbox, and ring its doorbell only
         if it may be sleeping (see comm/_worker.py)."""
         w.inbox.append(job)
-        if w.idle and not self._ring(w):
+        # a foreground read must not wait for a scan's reply to wake the worker
+        if (w.idle or (w.idle_fg and job.cls == _NORMAL)) and not self._ring(w):
             raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
 
     def _ring(self, w: Any) -> bool:

@@ -13,7 +13,10 @@ from typing import Any
 
 import zmq
 
+from shards.protocol import RequestClass
+
 DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
+_NORMAL = int(RequestClass.NORMAL)  # a foreground read
 
 
 class Doorbells:
@@ -28,7 +31,9 @@ class Doorbells:
     def submit(self, job: Any, w: Any) -> bool:
         """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
         w.inbox.append(job)
-        return not w.idle or self.ring(w)
+        if w.idle or (w.idle_fg and job.cls == _NORMAL):  # see comm/_worker.py
+            return self.ring(w)
+        return True
 
     def ring(self, w: Any) -> bool:
         sock = self._socks.get(w.pipe)

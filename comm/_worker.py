@@ -5,11 +5,12 @@ Theory of operation
 The worker owns two sockets, both created in its own thread: the PULL end of its
 pipe and one DEALER connection to its shard's page server. Backends append jobs
 (slots, prefetch requests) to the worker's ``inbox`` deque and ring the pipe only
-when the worker is about to sleep (``idle``): a doorbell. pyzmq releases the GIL
-in every socket call, so each avoided call is an avoided GIL hand-off; under load
-the worker never sleeps and the backends never touch a socket. The race is
-closed by ordering: a backend appends, then reads ``idle``; the worker sets
-``idle``, then re-reads the inbox; one of the two always sees the other.
+when the worker is about to sleep (``idle``; for a foreground read also
+``idle_fg``: asleep with only bulk requests in flight): a doorbell. pyzmq releases
+the GIL in every socket call, so each avoided call is an avoided GIL hand-off;
+under load the backends never touch a socket. The race is closed by ordering: a
+backend appends, then reads the flags; the worker sets them, then re-reads the
+inbox; one of the two always sees the other.
 
 Each loop iteration takes the whole inbox, coalesces the foreground reads of one
 relation at the same LSNs into one request (see _batch.py), and sends each job
@@ -118,6 +119,7 @@ class ShardWorker:
         # shared with backends, no lock: deque append/popleft and a bool store are atomic
         self.inbox: collections.deque[Any] = collections.deque()
         self.idle = False  # True while the worker may block in poll: ring the doorbell
+        self.idle_fg = False  # ... with only bulk in flight (far-off replies): ring for fg
         # below: touched only by the worker thread
         self._queue: SortedList = SortedList()
         self._inflight: dict[int, tuple[Any, float]] = {}  # request id -> (job, sent at)
@@ -176,6 +178,7 @@ class ShardWorker:
             busy = self._inflight or self._queue or self._delayed
             timeout: float | None = _SWEEP_INTERVAL * 1000 if busy else None
             self.idle = not self._inflight
+            self.idle_fg = not self._small
             if inbox:  # arrived after the last take: don't sleep
                 timeout = 0
             for sock, _ in poller.poll(None if timeout is None else int(timeout)):
@@ -185,7 +188,7 @@ class ShardWorker:
                     self._drain_replies()
                 else:
                     self._on_conn_events()
-            self.idle = False
+            self.idle = self.idle_fg = False
             if self._blocked and conn.dealer.poll(0, zmq.POLLOUT):
                 self._blocked = False
             now = time.monotonic()

@@ -181,3 +181,21 @@ def test_a_listener_that_is_not_a_page_server_is_reported_not_flooded(caplog):
         t.join(5)
         lsock.close()
     assert not [r for r in caplog.records if "disconnected from" in r.getMessage()]
+
+
+def test_a_foreground_read_does_not_wait_for_a_scan_reply_to_wake_the_worker(monkeypatch):
+    # the worker sleeps until a reply or its sweep timer; with only a prefetch in
+    # flight to a stuck server, a foreground read must ring it rather than wait for
+    # either (the sweep is set far off here, so only a doorbell can send the read)
+    monkeypatch.setattr("comm._worker._SWEEP_INTERVAL", 60.0)
+    cfg = comm.CommConfig(request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True  # requests are counted, never answered
+        with c.backend() as be:
+            assert be.prefetch(REL, range(100, 132), lsn=100) == 32
+            assert wait_for(lambda: srv.requests == 1, timeout=5)
+            w = c._map.workers[0][0]
+            assert wait_for(lambda: w.idle_fg and not w.idle, timeout=5)  # asleep, bulk out
+            with pytest.raises(comm.RequestTimeout):
+                be.get_page(REL, 5, lsn=100, timeout=0.5)
+            assert srv.requests == 2  # it was sent while the prefetch was still out
