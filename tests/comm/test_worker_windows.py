@@ -37,6 +37,7 @@ def test_batches_wait_behind_a_single_page_read_then_flow():
             assert be.prefetch(REL, range(100, 356), lsn=100) == 256  # 8 requests of 32
             # prefetches may use 3/4 of the 64-page window while a single read is out:
             # one 32-page request (1 + 32 <= 48 pages), the other seven wait
+            assert wait_for(lambda: srv.requests == 2, timeout=5)
             time.sleep(0.3)
             assert srv.requests == 2
             t.join(10)
@@ -198,4 +199,6 @@ def test_a_foreground_read_does_not_wait_for_a_scan_reply_to_wake_the_worker(mon
             assert wait_for(lambda: w.idle_fg and not w.idle, timeout=5)  # asleep, bulk out
             with pytest.raises(comm.RequestTimeout):
                 be.get_page(REL, 5, lsn=100, timeout=0.5)
-            assert srv.requests == 2  # it was sent while the prefetch was still out
+            # it was sent while the prefetch was still out (without the doorbell only
+            # the sweep, 60 s away, would have sent it)
+            assert wait_for(lambda: srv.requests == 2, timeout=5)
