@@ -26,7 +26,7 @@ from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
 from shards.protocol import Kind, RequestClass, SlruKind
 
-from ._doorbell import Doorbells
+from ._doorbell import Doorbells, must_ring
 from ._errors import (
     Cancelled,
     CommClosed,
@@ -383,8 +383,7 @@ class Backend:
         """Hand a job to worker ``w``: append to its inbox, and ring its doorbell only
         if it may be sleeping (see comm/_worker.py)."""
         w.inbox.append(job)
-        # a foreground read must not wait for a scan's reply to wake the worker
-        if (w.idle or (w.idle_fg and job.cls == _NORMAL)) and not self._ring(w):
+        if must_ring(w, job) and not self._ring(w):
             raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
 
     def _ring(self, w: Any) -> bool:

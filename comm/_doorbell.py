@@ -1,7 +1,7 @@
 """The hand-off from a backend (or the process front) to shard workers.
 
 A job is appended to the worker's inbox (a deque: no lock), and the worker's pipe
-is rung only if the worker may be asleep (``idle``). pyzmq releases the GIL in
+is rung only if the worker may be asleep (``must_ring``). pyzmq releases the GIL in
 every socket call, so each avoided ring is an avoided GIL hand-off; under load
 the worker never sleeps and nothing is rung. The ordering that closes the race
 is described in comm/_worker.py.
@@ -19,6 +19,13 @@ DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _NORMAL = int(RequestClass.NORMAL)  # a foreground read
 
 
+def must_ring(w: Any, job: Any) -> bool:
+    """Whether handing ``job`` to worker ``w`` must ring its pipe: the worker may sleep
+    with nothing in flight, or, for a foreground read, with only bulk requests (scans,
+    prefetches) in flight, whose replies may be far off (see comm/_worker.py)."""
+    return w.idle or (w.idle_fg and job.cls == _NORMAL)
+
+
 class Doorbells:
     """One thread's hand-off to shard workers: append a job to the worker's inbox and
     ring its pipe only if the worker may be asleep. The PUSH sockets (one per worker
@@ -31,9 +38,7 @@ class Doorbells:
     def submit(self, job: Any, w: Any) -> bool:
         """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
         w.inbox.append(job)
-        if w.idle or (w.idle_fg and job.cls == _NORMAL):  # see comm/_worker.py
-            return self.ring(w)
-        return True
+        return not must_ring(w, job) or self.ring(w)
 
     def ring(self, w: Any) -> bool:
         sock = self._socks.get(w.pipe)
