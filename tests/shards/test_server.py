@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import zmq
+from waiting import wait_for
 
 from shards._errors import ShardsError
 from shards._protocol import (
@@ -96,12 +97,8 @@ def settled_stats(srv: PageServer, ready: Callable[[dict], bool]) -> dict:
     """Stats once ``ready(stats)`` holds, or after 5 s (the caller's asserts then say
     what is off): the loop merges an iteration's counters right after its replies go
     out, so a reply can arrive before its counters do."""
-    end = time.monotonic() + 5.0
-    while True:
-        st = srv.stats()
-        if ready(st) or time.monotonic() > end:
-            return st
-        time.sleep(0.01)
+    wait_for(lambda: ready(srv.stats()), timeout=5.0)
+    return srv.stats()
 
 
 @pytest.fixture
