@@ -14,13 +14,11 @@ inbox; one of the two always sees the other.
 
 Each loop iteration takes the whole inbox, coalesces the foreground reads of one
 relation at the same LSNs into one request (see _batch.py), and sends each job
-at once while the windows have room, otherwise puts it into a SortedList ordered
-by (class, bulk, arrival): foreground reads leave before prefetches, small
-requests before bulk (scan) ones. Prefetches may fill only 3/4 of the windows.
-The page window bounds the pages of bulk requests in flight while small
-requests are about, so a random read never waits at the server behind a flood
-of scan pages. Replies are matched by request id, then checked against the
-request they claim to answer; a mismatch is never delivered.
+at once while the windows have room (see _window.py), otherwise puts it into a
+SortedList ordered by (class, bulk, arrival): foreground reads leave before
+prefetches, small requests before bulk (scan) ones. Replies are matched by
+request id, then checked against the request they claim to answer; a mismatch is
+never delivered.
 
 Wakeups are the main cost on this platform, so the worker never sleeps while it
 has something to do, handles whole bursts per wakeup, and completes slots
@@ -60,15 +58,14 @@ from ._batch import Batch, coalesce, is_bulk
 from ._conn import Connection
 from ._errors import CommClosed, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, per_block, result_of
+from ._window import Windows
 
 log = logging.getLogger(__name__)
 
 STOP = b""  # pipe message that stops a worker
 _SWEEP_INTERVAL = 0.02
 _RETRY_BASE = 0.002
-_SMALL_HOLD = 0.05  # small requests sent this recently keep the page window closed
 _RETRY_CAP = 0.5
-_NORMAL = 0  # RequestClass.NORMAL
 _GET_PAGES = int(Kind.GET_PAGES)
 # plain ints: `int & zmq.POLLIN` would build an IntFlag member on every call
 _POLLIN, _NOBLOCK, _EVENTS, _RCVMORE = (int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS),
@@ -98,16 +95,7 @@ class ShardWorker:
                  attempt_timeout: float = 10.0,
                  stuck_after: float = 10.0, curve: tuple[str, str] | None = None) -> None:
         self.ctx, self.shard, self.index = ctx, shard, index
-        self.server, self.pipe, self.window, self.verify = server, pipe, window, verify
-        self._prefetch_window = max(1, window - max(1, window // 4))
-        # Pages of bulk requests (see is_bulk) in flight, bounded by page_window while
-        # small requests are about (one in flight, or sent in the last _SMALL_HOLD
-        # seconds), so that a random read never queues at the server behind more than
-        # ~page_window pages of bulk work; without them, bulk may fill the window.
-        self.page_window = page_window
-        self._pages = 0  # pages of bulk requests in flight (worker thread only)
-        self._small = 0  # other requests in flight (worker thread only)
-        self._small_sent = -1e9  # when the last one was sent (worker thread only)
+        self.server, self.pipe, self.verify = server, pipe, verify
         self.attempt_timeout, self.stuck_after = attempt_timeout, stuck_after
         self.curve = curve  # (client secret file, server public key file) or None
         self._logged: set[int] = set()  # request ids already logged as stuck
@@ -122,7 +110,8 @@ class ShardWorker:
         self.idle_fg = False  # ... with only bulk in flight (far-off replies): ring for fg
         # below: touched only by the worker thread
         self._queue: SortedList = SortedList()
-        self._inflight: dict[int, tuple[Any, float]] = {}  # request id -> (job, sent at)
+        self._win = Windows(window, page_window)  # what is in flight, and the limits
+        self._inflight = self._win.inflight  # request id -> (job, sent at); never rebound
         self._delayed: list[tuple[float, int, Any]] = []  # heap of (due, seq, job): retries
         self._seq = itertools.count()
         self._rid = itertools.count(1)
@@ -178,7 +167,7 @@ class ShardWorker:
             busy = self._inflight or self._queue or self._delayed
             timeout: float | None = _SWEEP_INTERVAL * 1000 if busy else None
             self.idle = not self._inflight
-            self.idle_fg = not self._small
+            self.idle_fg = not self._win.small
             if inbox:  # arrived after the last take: don't sleep
                 timeout = 0
             for sock, _ in poller.poll(None if timeout is None else int(timeout)):
@@ -237,32 +226,12 @@ class ShardWorker:
             n = len(jobs)
             jobs = coalesce(jobs)
             self.stats.coalesced += n - len(jobs)
+        room = self._win.room
         for job in jobs:
-            if not queue and not self._blocked and self._room(job):
+            if not queue and not self._blocked and room(job):
                 self._send(job)
             else:
                 self._enqueue(job)
-
-    def _room(self, job: Any) -> bool:
-        """Prefetches may fill only 3/4 of the windows (requests and pages): a
-        foreground read always finds a place on the wire without waiting behind them.
-        A small request needs only a request slot; a bulk one also needs room in the
-        page window while small ones are about (or no bulk in flight at all, so any
-        request can go)."""
-        pages = self._pages
-        if job.cls == _NORMAL:
-            if len(self._inflight) >= self.window:
-                return False
-            limit = self.page_window
-        else:
-            if len(self._inflight) >= self._prefetch_window:
-                return False
-            limit = self.page_window - max(1, self.page_window // 4)
-        if not pages or not is_bulk(job):
-            return True
-        if not self._small and time.monotonic() - self._small_sent > _SMALL_HOLD:
-            return True  # no small requests about: nobody to wait behind the bulk
-        return pages + len(job.blocks) <= limit
 
     def _enqueue(self, job: Any) -> None:
         # foreground first, and among them small requests before bulk: the shortest
@@ -270,22 +239,11 @@ class ShardWorker:
         job.qkey = (job.cls, is_bulk(job), next(self._seq), job)
         self._queue.add(job.qkey)
 
-    def _untrack(self, rid: int) -> tuple[Any, float] | None:
-        """Take request ``rid`` off the in-flight table (None if it is not there)."""
-        entry = self._inflight.pop(rid, None)
-        if entry is not None:
-            job = entry[0]
-            if is_bulk(job):  # by size and type only, never by class (promotion changes it)
-                self._pages -= len(job.blocks)
-            else:
-                self._small -= 1
-        return entry
-
     def _pump(self) -> None:
-        q = self._queue
+        q, room = self._queue, self._win.room
         while q and not self._blocked:
             job = q[0][-1]
-            if not self._room(job):
+            if not room(job):
                 return
             q.pop(0)
             job.qkey = None
@@ -308,13 +266,7 @@ class ShardWorker:
             self._enqueue(job)
             return
         job.sent = True
-        now = time.monotonic()
-        self._inflight[rid] = (job, now)
-        if is_bulk(job):
-            self._pages += len(job.blocks)
-        else:
-            self._small += 1
-            self._small_sent = now
+        self._win.track(rid, job, time.monotonic())
         self.stats.sent += 1
 
     @staticmethod
@@ -353,7 +305,7 @@ class ShardWorker:
                 job = entry[0]
                 if (job.kind == _GET_PAGES and attempt == job.attempt and lsn == job.lsn
                         and nms == job.nms and blocks == job.blocks and rel == job.rel):
-                    self._untrack(rid)
+                    self._win.untrack(rid)
                     self._complete_ok(job, pages)
                     return
         # everything else (errors, other kinds, stale or mismatched replies, garbage)
@@ -363,7 +315,7 @@ class ShardWorker:
             self.stats.bad_replies += 1
             self._reset(f"malformed reply: {e}")
             return
-        entry = self._untrack(rep.id)
+        entry = self._win.untrack(rep.id)
         if entry is None:  # answer to a request we already timed out or reset
             self.stats.stale_replies += 1
             return
@@ -443,8 +395,7 @@ class ShardWorker:
         self._retry_inflight(f"connection reset ({why})")
 
     def _retry_inflight(self, why: str) -> None:
-        inflight, self._inflight, self._pages, self._small = self._inflight, {}, 0, 0
-        for job, _ in inflight.values():
+        for job in self._win.clear():
             if not self._retry(job):
                 self.stats.errors += 1
                 job.fail(ShardUnavailable(f"shard {self.shard}: {why}, and the deadline "
@@ -456,10 +407,10 @@ class ShardWorker:
         for rid, (job, sent) in list(self._inflight.items()):
             age = now - sent
             if job.deadline <= now:
-                self._untrack(rid)
+                self._win.untrack(rid)
                 self._timeout(job)
             elif age >= self.attempt_timeout and self._retry(job):
-                self._untrack(rid)  # a late reply to this attempt is dropped as stale
+                self._win.untrack(rid)  # a late reply to this attempt is dropped as stale
             elif age >= self.stuck_after and rid not in self._logged:
                 self._logged.add(rid)
                 log.warning("%s: request stuck for %.1fs: %s", self.name, age,
@@ -484,11 +435,9 @@ class ShardWorker:
         err = CommClosed("the communicator is closed")
         pending = list(self.inbox)
         self.inbox.clear()
-        pending += [e[-1] for e in self._queue] + [j for j, _ in self._inflight.values()]
+        pending += [e[-1] for e in self._queue] + self._win.clear()
         pending += [e[2] for e in self._delayed]
         self._queue.clear()
-        self._inflight.clear()
-        self._pages = self._small = 0
         self._delayed.clear()
         for job in pending:
             job.fail(err)
