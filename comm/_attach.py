@@ -6,8 +6,10 @@ Theory of operation
 The handle owns one DEALER socket to the communicator process and maps the
 shared-memory slot ring the communicator created for it. A call validates its
 arguments here, takes a free slot, sends one small request naming the slot, and
-waits for the completion message that names it back (the slot's event); pages
-are then copied out of the slot's shared memory. Waiting happens in short slices
+waits for the completion that names it back (the slot's event): a ring on the
+backend's completion FIFO, the record in the slot's header (see _ipc.py), or a
+completion message on the socket from a communicator that could not open the
+FIFO. Pages are then copied out of the slot's shared memory. Waiting happens in short slices
 so that a cancel from another thread, the deadline, or the death of the
 communicator process (checked by pid) end the wait promptly. A slot whose wait
 was abandoned is reused only after its completion arrives.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -63,6 +67,9 @@ class ProcBackend:
         self._shm: shared_memory.SharedMemory | None = None
         self._closed = False
         self._cancel = threading.Event()
+        self._ring_fd: int | None = None  # read end of the completion FIFO
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         try:
             self._attach(slots, timeout)
         except BaseException:
@@ -74,10 +81,19 @@ class ProcBackend:
         self._done: dict[int, _ipc.Done] = {}  # completions received, by slot
 
     def _attach(self, slots: int, timeout: float) -> None:
-        self._sock.send(_ipc.encode_attach(os.getpid(), slots))
-        if not self._sock.poll(int(timeout * 1000)):
-            raise CommClosed(f"no communicator answered at {self._endpoint}")
-        pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
+        # the FIFO's name lives only until the communicator has opened it
+        where = tempfile.mkdtemp(prefix="pagecomm-ring-")
+        try:
+            path = os.path.join(where, "ring")
+            os.mkfifo(path, 0o600)
+            self._ring_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self._sock.send(_ipc.encode_attach(os.getpid(), slots, path))
+            if not self._sock.poll(int(timeout * 1000)):
+                raise CommClosed(f"no communicator answered at {self._endpoint}")
+            pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+        self._poller.register(self._ring_fd, zmq.POLLIN)
         self._comm_pid, self.id, self.slots = pid, bid, n
         self.name = f"proc-backend-{bid}"
         self._shm = shared_memory.SharedMemory(name=name)
@@ -184,6 +200,8 @@ class ProcBackend:
         deadline = time.monotonic() + self._timeout
         while True:
             msg = self._recv(deadline)
+            if msg is None:
+                continue
             if msg[:1] == b"s":
                 if msg != b"sOK":
                     raise InvalidRequest(msg[1:].decode("utf-8", "replace"))
@@ -198,6 +216,8 @@ class ProcBackend:
         deadline = time.monotonic() + self._timeout
         while True:
             msg = self._recv(deadline)
+            if msg is None:
+                continue
             if msg[:1] == b"t":
                 return dict(json.loads(msg[1:]))
             self._note(msg)
@@ -231,6 +251,9 @@ class ProcBackend:
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        if self._ring_fd is not None:
+            os.close(self._ring_fd)
+            self._ring_fd = None
         self._sock.close(0)
         self._ctx.term()
 
@@ -298,27 +321,49 @@ class ProcBackend:
                 self._orphans.add(slot)  # reusable once its completion arrives
                 raise
 
-    def _note(self, msg: bytes) -> None:
-        if msg[:1] != b"d":
+    def _note(self, msg: bytes | None) -> None:
+        """Take in a message from the socket (None: the rings were taken in already)."""
+        if msg is not None and msg[:1] == b"d":
+            self._note_done(_ipc.decode_done(msg))
+
+    def _take_rings(self) -> None:
+        assert self._ring_fd is not None
+        try:
+            data = os.read(self._ring_fd, 256 * _ipc.RING_BYTES)
+        except BlockingIOError:
             return
-        d = _ipc.decode_done(msg)
+        if not data:  # the communicator closed its end (it dropped us, or died)
+            self._poller.unregister(self._ring_fd)
+            return
+        buf = self._buf()
+        for slot, use in _ipc.decode_rings(data):
+            d = _ipc.read_completion(buf, self.slots, slot)
+            if d.use == use:  # else a stale ring: its slot has been completed since
+                self._note_done(d)
+
+    def _note_done(self, d: _ipc.Done) -> None:
         if d.slot in self._orphans and d.use == self._uses[d.slot]:
             self._orphans.discard(d.slot)
             self._free.append(d.slot)
             return
         self._done[d.slot] = d
 
-    def _recv(self, deadline: float) -> bytes:
-        """The next message from the communicator, in short slices: a cancel, the
-        deadline or the communicator's death end the wait promptly."""
+    def _recv(self, deadline: float) -> bytes | None:
+        """The next message from the communicator, or None once completion rings have
+        been taken in, in short slices: a cancel, the deadline or the communicator's
+        death end the wait promptly."""
         while True:
             if self._cancel.is_set():
                 raise Cancelled(f"{self.name}: request cancelled")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout(f"{self.name}: no completion within the deadline")
-            if self._sock.poll(max(1, int(min(left, _SLICE) * 1000))):
-                return self._sock.recv()
+            ready = self._poller.poll(max(1, int(min(left, _SLICE) * 1000)))
+            if ready:
+                if any(s is self._sock for s, _ in ready):
+                    return self._sock.recv(zmq.NOBLOCK)
+                self._take_rings()
+                return None
             try:
                 os.kill(self._comm_pid, 0)
             except ProcessLookupError:

@@ -9,6 +9,14 @@ communicator writes them straight into the backend's slot ring in shared memory
 and the completion names the slot (and the slot's use number, so a late
 completion for an abandoned earlier use is recognised). All integers are little
 endian. Decoding validates lengths and ranges and raises IpcError only.
+
+Completions normally skip the socket: the backend passes the path of a FIFO it
+reads when it attaches, and the thread that completes a request writes the
+completion record into the slot's header in shared memory (an error's message
+into the slot's page area) and a 6-byte ring (slot, use) into the FIFO: no hop
+through the communicator's front thread. Writes of up to PIPE_BUF bytes to a pipe
+are atomic, so rings from many threads never interleave. A communicator that
+cannot open the FIFO sends completion messages over the socket instead.
 """
 
 from __future__ import annotations
@@ -43,6 +51,12 @@ _REQ = struct.Struct("<cHIBBBxIIIIQQdII")  # b"R", slot, use, kind, cls, fork, s
 _CANCEL = struct.Struct("<cHI")            # b"C", slot, use
 _DONE = struct.Struct("<cHIBBxxIQ")        # b"d", slot, use, status, exists, count, value
 _SHARDS = struct.Struct("<cI")             # b"S", stripe size; then endpoints, comma-separated
+_RING = struct.Struct("<HI")               # slot, use: a completion is in the slot's header
+_HEADER = struct.Struct("<IBBHIQ")         # use, status, exists, message bytes, count, value
+HEADER_BYTES = 32                          # per slot, after the slots' page areas
+_MAX_MESSAGE = 1024
+_MAX_PATH = 4096
+RING_BYTES = _RING.size
 
 # completion status codes <-> the exception raised in the backend process
 _ERRORS: list[type[CommError]] = [CommError, PageNotFound, RelationNotFound, NotFound,
@@ -90,15 +104,65 @@ def _unpack(st: struct.Struct, msg: bytes, what: str) -> tuple:
     return st.unpack_from(msg)
 
 
-def encode_attach(pid: int, slots: int) -> bytes:
-    return _ATTACH.pack(b"A", pid, slots)
+def encode_attach(pid: int, slots: int, ring_path: str = "") -> bytes:
+    """``ring_path``: the FIFO the backend reads completion rings from ('' for none)."""
+    return _ATTACH.pack(b"A", pid, slots) + ring_path.encode()
 
 
-def decode_attach(msg: bytes) -> tuple[int, int]:
+def decode_attach(msg: bytes) -> tuple[int, int, str]:
     _, pid, slots = _unpack(_ATTACH, msg, "attach")
-    if len(msg) != _ATTACH.size or not 1 <= slots <= MAX_SLOTS:
+    if not 1 <= slots <= MAX_SLOTS:
         raise IpcError(f"attach asks for {slots} slots (1..{MAX_SLOTS})")
-    return pid, slots
+    if len(msg) - _ATTACH.size > _MAX_PATH:
+        raise IpcError(f"attach names a ring path of {len(msg) - _ATTACH.size} bytes")
+    try:
+        path = msg[_ATTACH.size:].decode()
+    except UnicodeDecodeError:
+        raise IpcError("attach names a ring path that is not UTF-8") from None
+    return pid, slots, path
+
+
+def segment_bytes(slots: int) -> int:
+    """Size of a backend's shared segment: the slots' page areas, then their headers."""
+    return slots * (SLOT_BYTES + HEADER_BYTES)
+
+
+def write_completion(buf: memoryview, slots: int, d: Done) -> None:
+    """Write ``d`` into slot ``d.slot``'s header (its message into the slot's page
+    area: a failed request returns no pages)."""
+    msg = d.message.encode("utf-8", "replace")[:_MAX_MESSAGE]
+    if msg:
+        base = d.slot * SLOT_BYTES
+        buf[base:base + len(msg)] = msg
+    _HEADER.pack_into(buf, slots * SLOT_BYTES + d.slot * HEADER_BYTES, d.use, d.status,
+                      d.exists, len(msg), d.count, d.value)
+
+
+def read_completion(buf: memoryview, slots: int, slot: int) -> Done:
+    """The completion ``write_completion`` left in ``slot``'s header."""
+    if not 0 <= slot < slots:
+        raise IpcError(f"completion ring for slot {slot} of {slots}")
+    use, status, exists, n, count, value = _HEADER.unpack_from(
+        buf, slots * SLOT_BYTES + slot * HEADER_BYTES)
+    if status != OK and status >= len(_ERRORS):
+        raise IpcError(f"unknown completion status {status}")
+    if n > _MAX_MESSAGE or (status == OK and count > PAGES_PER_SLOT):
+        raise IpcError(f"completion of slot {slot} claims {count} pages, {n} message bytes")
+    base = slot * SLOT_BYTES
+    message = bytes(buf[base:base + n]).decode("utf-8", "replace") if n else ""
+    return Done(slot, use, status, bool(exists), count, value, message)
+
+
+def encode_ring(slot: int, use: int) -> bytes:
+    return _RING.pack(slot, use)
+
+
+def decode_rings(data: bytes) -> list[tuple[int, int]]:
+    """(slot, use) of each ring in ``data`` (a read of the FIFO: whole rings only,
+    as every ring is written by one atomic write)."""
+    if len(data) % _RING.size:
+        raise IpcError(f"{len(data)} bytes of completion rings is not whole rings")
+    return list(_RING.iter_unpack(data))
 
 
 def encode_attached(pid: int, bid: int, slots: int, shm_name: str) -> bytes:

@@ -27,7 +27,7 @@ from ._errors import CommClosed
 
 class ProcRequest:
     __slots__ = ("owner", "slot", "use", "kind", "buf", "post", "parts", "error", "exists",
-                 "count", "value", "abandoned", "_lock")
+                 "count", "value", "abandoned", "rung", "_lock")
 
     def __init__(self, owner: Any, slot: int, use: int, kind: int, buf: memoryview,
                  post: Callable[[ProcRequest], None]) -> None:
@@ -36,6 +36,7 @@ class ProcRequest:
         self.error: BaseException | None = None
         self.exists, self.count, self.value = False, 0, 0
         self.abandoned = False  # the backend gave up or died: finish, send nothing useful
+        self.rung = False  # completed through the backend's FIFO (see _server._Attached)
         # _lock guards: parts, error
         self._lock = threading.Lock()
         self.parts = 1  # the seal: released by seal() once every part has been added

@@ -8,8 +8,12 @@ creates (and unlinks). A request names a slot; the front validates it, serves
 what it can from the shared prefetch buffer in its own thread, joins prefetches
 in flight, and hands the rest to the shard workers as WireJobs, exactly like an
 in-process backend's slots. Parts write their pages straight into the slot's
-shared memory; the last one posts the request back to the front (a deque plus a
-byte on a pipe when the front may sleep), which sends the completion message.
+shared memory; the last one, in whichever thread completes it (a shard worker,
+usually), writes the completion into the slot's header and rings the backend's
+completion FIFO (see _ipc.py): the backend wakes with no hop through the front.
+The request is also queued for the front, which forgets it at its next wakeup
+(no doorbell for that). A backend whose FIFO could not be opened gets completion
+messages from the front instead (a deque plus a byte on a pipe when it may sleep).
 
 Dead backends are found by pid (same host: ipc), every 0.2 s: their requests are
 abandoned, their segment unlinked at once and unmapped when the last part lands.
@@ -48,12 +52,36 @@ _LIVENESS_INTERVAL = 0.2
 class _Attached:
     """One attached backend process (front thread only, except ``pending`` counts)."""
 
-    def __init__(self, bid: int, ident: bytes, pid: int, slots: int) -> None:
+    def __init__(self, bid: int, ident: bytes, pid: int, slots: int, ring_path: str) -> None:
         self.id, self.ident, self.pid, self.slots = bid, ident, pid, slots
         self.name = f"proc-backend-{bid}(pid {pid})"
-        self.shm = shared_memory.SharedMemory(create=True, size=slots * _ipc.SLOT_BYTES)
+        self.shm = shared_memory.SharedMemory(create=True, size=_ipc.segment_bytes(slots))
         self.pending: dict[int, ProcRequest] = {}
         self.gone = False
+        # the completion FIFO's write end; closed only by _drop, which runs once no
+        # request is pending, so a completing thread never writes to a closed fd
+        self.ring_fd: int | None = None
+        if ring_path:
+            try:
+                self.ring_fd = os.open(ring_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                log.warning("%s: cannot open its completion FIFO (%s); completions go "
+                            "over the socket", self.name, e)
+
+    def ring(self, p: ProcRequest) -> bool:
+        """Any thread: complete ``p`` through shared memory and the FIFO. False if
+        that is not possible (no FIFO, the backend left): the front sends it."""
+        fd, buf = self.ring_fd, self.shm.buf
+        if fd is None or self.gone or buf is None:
+            return False
+        _ipc.write_completion(buf, self.slots, _done_of(p))
+        p.rung = True  # before the ring: the backend may reuse the slot at once
+        try:
+            os.write(fd, _ipc.encode_ring(p.slot, p.use))
+        except OSError:  # the backend closed its end (it left or died)
+            p.rung = False
+            return False
+        return True
 
     def view(self, slot: int) -> memoryview:
         buf = self.shm.buf
@@ -68,6 +96,7 @@ class CommServer:
         self._by_ident: dict[bytes, _Attached] = {}  # front thread only
         self._leaving: list[_Attached] = []  # abandoned at shutdown; unmapped by release()
         self._outbox: collections.deque[ProcRequest] = collections.deque()
+        self._completions = {"rung": 0, "sent": 0}  # front thread only: how they went out
         self._idle = False
         self._bell_r, self._bell_w = os.pipe()
         self._stopping = False
@@ -155,10 +184,10 @@ class CommServer:
         tag = msg[:1]
         att = self._by_ident.get(ident)
         if tag == b"A":
-            pid, slots = _ipc.decode_attach(msg)
+            pid, slots, ring_path = _ipc.decode_attach(msg)
             if att is not None:
                 self._drop(att)
-            att = _Attached(self.comm._new_backend_id(), ident, pid, slots)
+            att = _Attached(self.comm._new_backend_id(), ident, pid, slots, ring_path)
             self._by_ident[ident] = att
             log.info("attached %s with %d slots", att.name, slots)
             router.send_multipart([ident, _ipc.encode_attached(os.getpid(), att.id, slots,
@@ -177,7 +206,9 @@ class CommServer:
         elif tag == b"T":
             st = self.comm.stats()
             st["processes"] = {"attached": len(self._by_ident),
-                               "pending": sum(len(a.pending) for a in self._by_ident.values())}
+                               "pending": sum(1 for a in self._by_ident.values()
+                                              for p in a.pending.values() if not p.rung),
+                               "completions": dict(self._completions)}
             router.send_multipart([ident, b"t" + json.dumps(st).encode()])
         elif tag == b"S":
             eps, stripe = _ipc.decode_shards(msg)
@@ -192,7 +223,8 @@ class CommServer:
         if r.kind == _ipc.PREFETCH:
             self._prefetch(att, r)
             return
-        if r.slot >= att.slots or r.slot in att.pending:
+        old = att.pending.get(r.slot)
+        if r.slot >= att.slots or (old is not None and not old.rung):
             log.warning("%s: request for slot %d refused (out of range or busy)", att.name,
                         r.slot)
             return
@@ -281,9 +313,12 @@ class CommServer:
 
     # ------------------------------------------------------------ completions
     def _post(self, p: ProcRequest) -> None:
-        """Any thread: a request is complete; the front sends its completion."""
+        """Any thread: a request is complete. Ring the backend directly if it can be;
+        the front then only forgets the request (at its next wakeup: no doorbell),
+        otherwise it sends the completion message."""
+        rung = p.owner.ring(p)
         self._outbox.append(p)
-        if self._idle:
+        if not rung and self._idle:
             try:
                 os.write(self._bell_w, b"x")
             except OSError:
@@ -300,12 +335,11 @@ class CommServer:
                 if not att.pending:
                     self._drop(att)
                 continue
-            if p.error is not None:
-                done = _ipc.Done(p.slot, p.use, _ipc.status_of(p.error), False, 0, 0,
-                                 str(p.error))
+            if p.rung:
+                self._completions["rung"] += 1
             else:
-                done = _ipc.Done(p.slot, p.use, _ipc.OK, p.exists, p.count, p.value)
-            router.send_multipart([att.ident, _ipc.encode_done(done)])
+                self._completions["sent"] += 1
+                router.send_multipart([att.ident, _ipc.encode_done(_done_of(p))])
 
     # ------------------------------------------------------------ departures
     def _check_liveness(self) -> None:
@@ -341,6 +375,9 @@ class CommServer:
         for p in att.pending.values():
             p.buf.release()
         att.pending.clear()
+        if att.ring_fd is not None:
+            os.close(att.ring_fd)
+            att.ring_fd = None
         try:
             att.shm.close()
         except BufferError:
@@ -348,6 +385,12 @@ class CommServer:
 
     def attached(self) -> int:
         return len(self._by_ident)
+
+
+def _done_of(p: ProcRequest) -> _ipc.Done:
+    if p.error is not None:
+        return _ipc.Done(p.slot, p.use, _ipc.status_of(p.error), False, 0, 0, str(p.error))
+    return _ipc.Done(p.slot, p.use, _ipc.OK, p.exists, p.count, p.value)
 
 
 class _Submitter:

@@ -94,6 +94,10 @@ def test_eight_backend_processes_read_verified_pages(commproc: CommProcess) -> N
     with comm.attach(commproc.endpoint) as be:
         st = be.comm_stats()
         assert st["processes"]["attached"] == 1 and st["processes"]["pending"] == 0
+        # every completion went straight from the completing thread to the backend's
+        # FIFO, none through the front thread's socket
+        done = st["processes"]["completions"]
+        assert done["rung"] >= 8 * 150 and done["sent"] == 0, done
         assert sum(s["completed"] for s in st["shards"]) > 0
         assert be.get_page(comm.RelTag(1663, 16384, 16384), 3, LSN) == synth_pages(
             comm.RelTag(1663, 16384, 16384), [3], LSN)[0]
@@ -108,7 +112,8 @@ def test_backend_killed_mid_read_leaks_nothing(commproc: CommProcess) -> None:
     p.kill()
     p.wait(10)
     with comm.attach(commproc.endpoint) as be:
-        assert wait_for(lambda: be.comm_stats()["processes"] == {"attached": 1, "pending": 0})
+        assert wait_for(lambda: (lambda p: (p["attached"], p["pending"]))(
+            be.comm_stats()["processes"]) == (1, 0))
         assert be.comm_stats()["slots_in_use"] == 0
     assert wait_for(lambda: shm_segments() <= before), shm_segments() - before
 
@@ -136,6 +141,62 @@ def test_communicator_death_is_commclosed_and_reattach_works(cluster: LocalClust
     finally:
         cp2.stop()
     assert wait_for(lambda: shm_segments() <= before), shm_segments() - before
+
+
+def test_completions_come_over_the_socket_when_the_fifo_cannot_be_opened(
+        commproc: CommProcess, tmp_path: Path) -> None:
+    """A backend that names no usable FIFO (here: a path that does not exist) is still
+    served: its completions come as messages on its socket, pages in shared memory."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    import zmq
+
+    from comm import _ipc
+
+    rel = comm.RelTag(1663, 16384, 16384)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(commproc.endpoint)
+    try:
+        sock.send(_ipc.encode_attach(os.getpid(), 4, str(tmp_path / "no-such-fifo")))
+        assert sock.poll(10_000)
+        _, _, slots, name = _ipc.decode_attached(sock.recv())
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        try:
+            sock.send(_ipc.encode_req(_ipc.Req(2, 7, 1, 0, rel.spc, rel.db, rel.rel, rel.fork,
+                                               LSN, LSN, 10.0, 0, 0, (5, 6))))
+            assert sock.poll(10_000)
+            d = _ipc.decode_done(sock.recv())
+            assert (d.slot, d.use, d.status, d.count) == (2, 7, _ipc.OK, 2)
+            assert shm.buf is not None
+            base = 2 * _ipc.SLOT_BYTES
+            assert bytes(shm.buf[base:base + 2 * 8192]) == b"".join(
+                synth_pages(rel, [5, 6], LSN))
+        finally:
+            shm.close()
+        sock.send(b"D")
+    finally:
+        sock.close(0)
+        ctx.term()
+    with comm.attach(commproc.endpoint) as be:
+        assert wait_for(lambda: be.comm_stats()["processes"]["completions"]["sent"] >= 1)
+
+
+def test_attach_leaves_no_fifo_behind(commproc: CommProcess) -> None:
+    import glob
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "pagecomm-ring-*")
+    before = set(glob.glob(pattern))
+    with comm.attach(commproc.endpoint) as be:
+        assert be.get_page(comm.RelTag(1663, 16384, 16384), 9, LSN) == synth_pages(
+            comm.RelTag(1663, 16384, 16384), [9], LSN)[0]
+        assert set(glob.glob(pattern)) <= before
+    with pytest.raises(comm.CommClosed):
+        comm.attach(commproc.endpoint + ".nobody", timeout=0.3)
+    assert set(glob.glob(pattern)) <= before
 
 
 def test_attach_errors_are_typed(tmp_path: Path) -> None:
