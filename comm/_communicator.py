@@ -29,7 +29,7 @@ from shards._curve import load_public, load_secret
 from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
-from ._config import CommConfig
+from ._config import CommConfig, endpoint_problem
 from ._errors import CommClosed, ConfigError
 from ._map import ShardMap
 from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server
@@ -160,13 +160,21 @@ class Communicator:
                      old: ShardMap | None) -> list[list[ShardWorker]]:
         """Worker pools for ``endpoints``; a shard whose index and endpoint are unchanged
         keeps its pool (and its connections)."""
-        pools = []
-        for shard, endpoint in enumerate(endpoints):
-            if old is not None and shard < old.count and old.endpoints[shard] == endpoint:
-                pools.append(old.workers[shard])
-            else:
-                pools.append([self._start_worker(shard, k, endpoint, generation)
-                              for k in range(self.config.threads_per_shard)])
+        pools: list[list[ShardWorker]] = []
+        started: list[ShardWorker] = []
+        try:
+            for shard, endpoint in enumerate(endpoints):
+                if old is not None and shard < old.count and old.endpoints[shard] == endpoint:
+                    pools.append(old.workers[shard])
+                    continue
+                pool = []
+                for k in range(self.config.threads_per_shard):
+                    pool.append(self._start_worker(shard, k, endpoint, generation))
+                    started.append(pool[-1])
+                pools.append(pool)
+        except BaseException:  # the ones already running are stopped by close()
+            self._retired += started
+            raise
         return pools
 
     def _start_worker(self, shard: int, k: int, endpoint: str, generation: int) -> ShardWorker:
@@ -225,6 +233,10 @@ class Communicator:
             raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
                               f"{endpoints!r}")
         eps = tuple(endpoints)
+        for ep in eps:
+            why = endpoint_problem(ep)
+            if why is not None:
+                raise ConfigError(f"endpoint {ep!r} {why}")
         if len(eps) > 255:
             raise ConfigError(f"{len(eps)} shards; at most 255")
         with self._lock:
@@ -360,20 +372,22 @@ class Communicator:
         return list(seen.values())
 
     def _stop_workers(self) -> None:
-        ctls = []
-        workers = self._all_workers()
-        try:
-            for w in workers:
-                if w.thread.is_alive():
-                    ctl = self._ctx.socket(zmq.PUSH)
-                    ctl.setsockopt(zmq.LINGER, 0)
-                    ctls.append(ctl)
-                    ctl.connect(w.pipe)
-                    ctl.send(STOP)
-            for w in workers:
+        """One control socket at a time (create, STOP, join, close): this also works
+        when the socket limit is what made a worker fail to start."""
+        for w in self._all_workers():
+            if not w.thread.is_alive():
+                continue
+            try:
+                ctl = self._ctx.socket(zmq.PUSH)
+            except zmq.ZMQError as e:
+                log.error("cannot stop %s: %s", w.name, e)
+                continue
+            try:
+                ctl.setsockopt(zmq.LINGER, 0)
+                ctl.connect(w.pipe)
+                ctl.send(STOP)
                 w.thread.join(10)
-        finally:
-            for ctl in ctls:
+            finally:
                 ctl.close(0)
 
     def __enter__(self) -> Communicator:

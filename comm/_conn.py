@@ -59,11 +59,18 @@ class Connection:
         s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MIN_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS)
         s.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
-        if self.curve is not None:
-            secure_client(s, *self.curve)
-        mon = s.get_monitor_socket(_EVENTS)
-        mon.setsockopt(zmq.LINGER, 0)
-        s.connect(self.endpoint)
+        mon = None
+        try:
+            if self.curve is not None:
+                secure_client(s, *self.curve)
+            mon = s.get_monitor_socket(_EVENTS)
+            mon.setsockopt(zmq.LINGER, 0)
+            s.connect(self.endpoint)
+        except BaseException:  # a socket left open would block the context's term()
+            if mon is not None:
+                mon.close(0)
+            s.close(0)
+            raise
         return s, mon
 
     def events(self) -> list[int]:

@@ -133,6 +133,7 @@ class CommServer:
     # ------------------------------------------------------------ front thread
     def _run(self) -> None:
         ctx = self.comm._ctx
+        router = None
         try:
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
@@ -140,6 +141,9 @@ class CommServer:
             router.bind(self.listen)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as e:
+            if router is not None:  # left open, it would block the context's term()
+                router.close(0)
+            self._bells.close()
             self._error = e
             self._ready.set()
             return
@@ -416,13 +420,20 @@ def serve_main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    comm = Communicator.from_env()
+    try:
+        comm = Communicator.from_env()
+    except CommError as e:  # a COMM_* variable: the message names it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     server = None
     try:
         server = CommServer(comm, args.listen).start()
         print(f"READY {server.endpoint}", flush=True)
         while not stop.wait(0.5):
             pass
+    except CommError as e:  # e.g. --listen names an endpoint that cannot be bound
+        print(f"error: --listen {args.listen}: {e}", file=sys.stderr)
+        return 2
     finally:
         if server is not None:
             server.stop()

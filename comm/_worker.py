@@ -30,6 +30,7 @@ worker when its reply arrives or its deadline passes), so no slot is held foreve
 from __future__ import annotations
 
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -124,9 +125,13 @@ class ShardWorker:
     def start(self) -> None:
         self.thread.start()
         if not self.ready.wait(10) or self.startup_error is not None:
-            raise CommClosed(f"{self.name} failed to start: {self.startup_error}")
+            e = self.startup_error
+            hint = (" (raise COMM_MAX_SOCKETS, or the open-file limit)"
+                    if isinstance(e, zmq.ZMQError) and e.errno == errno.EMFILE else "")
+            raise CommClosed(f"{self.name} failed to start: {e}{hint}")
 
     def _run(self) -> None:
+        pull = None
         try:
             pull = self.ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.LINGER, 0)
@@ -134,6 +139,8 @@ class ShardWorker:
             pull.bind(self.pipe)
             self._conn = Connection(self.ctx, self.server, self.name, self.curve)
         except (zmq.ZMQError, ShardsError) as e:
+            if pull is not None:  # left open, it would block the context's term()
+                pull.close(0)
             self.startup_error = e
             self.ready.set()
             return

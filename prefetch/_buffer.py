@@ -164,6 +164,11 @@ class PrefetchBuffer:
     def reserve(self, owner: int, rel: Any, blocks: list[int], lsn: int, nms: int) -> list[int]:
         """Reserve PENDING entries for ``blocks``; returns the blocks to fetch now."""
         out = []
+        # Once there is no room for this owner, there is none for the rest of the call
+        # either (nothing else changes under the lock, except an entry removed below):
+        # without this, a long prefetch into a full buffer scanned the owner's entries
+        # once per block, holding the lock that every reader needs (seconds for 20k).
+        full = False
         with self._lock:
             c = self.counters
             for blk in blocks:
@@ -177,7 +182,9 @@ class PrefetchBuffer:
                         c.dropped += 1
                         continue
                     self._remove(key, e)
-                if self._at_share(owner) or not self._make_room(owner):
+                    full = False
+                if full or self._at_share(owner) or not self._make_room(owner):
+                    full = True
                     c.dropped += 1
                     continue
                 self._entries[key] = _Entry(owner, lsn, nms)

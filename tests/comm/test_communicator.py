@@ -244,6 +244,18 @@ def test_no_sockets_leak_after_close(servers):
         ctx.socket(zmq.PUSH)
 
 
+def test_a_worker_that_cannot_start_fails_the_constructor_without_a_hang_or_a_leak(
+        servers, caplog):
+    # too few sockets for 8 workers: the ones already running must be stopped, the
+    # context must terminate (no socket left open), and the error must say what to raise
+    cfg = comm.CommConfig(shards=tuple(s.endpoint for s in servers), threads_per_shard=8,
+                          max_sockets=12)
+    before = set(threading.enumerate())
+    with pytest.raises(comm.CommClosed, match="COMM_MAX_SOCKETS"):
+        comm.Communicator(config=cfg)
+    assert {th for th in threading.enumerate() if th.name.startswith("comm-")} <= before
+
+
 def test_prefetch_then_read_hits_buffer(c, servers):
     with c.backend() as be:
         assert be.prefetch(REL, range(100, 164), lsn=100) == 64

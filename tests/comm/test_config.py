@@ -48,3 +48,25 @@ def test_config_is_frozen():
     cfg = CommConfig()
     with pytest.raises(AttributeError):
         cfg.stripe_size = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("ep, why", [
+    ("tcp://", "not an endpoint"),
+    ("foo://bar", "transport 'foo'"),
+    ("tcp://127.0.0.1", "needs a host and a port"),
+    ("tcp://:6400", "needs a host and a port"),
+    ("tcp://127.0.0.1:99999", "a port is 1..65535"),
+    ("tcp://127.0.0.1:http", "a port is 1..65535"),
+])
+def test_a_malformed_endpoint_is_refused_before_any_thread_starts(ep, why):
+    with pytest.raises(ConfigError, match=why) as ei:
+        CommConfig(shards=(ep,))
+    assert repr(ep) in str(ei.value) and "COMM_SHARDS" in str(ei.value)
+    with pytest.raises(ConfigError, match=why):
+        CommConfig.from_env({"COMM_SHARDS": f"tcp://127.0.0.1:1,{ep}"})
+
+
+@pytest.mark.parametrize("ep", ["tcp://127.0.0.1:6400", "tcp://[::1]:1", "tcp://pages.local:65535",
+                                "ipc:///tmp/page.ipc", "inproc://pages"])
+def test_well_formed_endpoints_are_accepted(ep):
+    assert CommConfig(shards=(ep,)).shards == (ep,)

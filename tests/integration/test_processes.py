@@ -221,3 +221,18 @@ def test_shard_map_update_through_the_control_message(cluster: LocalCluster,
             assert be.get_pages(rel, range(40), LSN) == synth_pages(rel, range(40), LSN)
     finally:
         cp.stop()
+
+
+@pytest.mark.parametrize("listen, env, words", [
+    ("foo://bar", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "--listen foo://bar"),
+    ("ipc:///nonexistent/dir/c.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "No such file"),
+    ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": ""}, "COMM_SHARDS"),
+    ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1", "COMM_STRIPE_SIZE": "x"},
+     "COMM_STRIPE_SIZE"),
+])
+def test_serve_refuses_bad_input_in_one_line_and_exits(listen: str, env: dict[str, str],
+                                                       words: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "comm", "serve", "--listen", listen],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and words in r.stderr

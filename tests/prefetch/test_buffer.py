@@ -159,3 +159,18 @@ def test_full_of_joined_inflight_pages_drops_instead_of_failing():
     buf.lookup(REL, 1, 100, 100, ("slot", 1))
     assert buf.reserve(2, REL, [5], 100, 100) == []
     assert buf.counters.dropped == 1
+
+
+def test_a_long_prefetch_into_a_full_buffer_gives_up_once_not_per_block(monkeypatch):
+    # the buffer's lock is what every reader needs: once an owner has no room left,
+    # the rest of its call is dropped without scanning for room again, block by block
+    buf = PrefetchBuffer(64)
+    calls = []
+    real = buf._evict_oldest
+    monkeypatch.setattr(buf, "_evict_oldest", lambda owner: calls.append(owner) or real(owner))
+    assert len(buf.reserve(1, "r", list(range(10_000)), 10, 10)) == 64
+    assert buf.counters.issued == 64 and buf.counters.dropped == 10_000 - 64
+    assert len(calls) <= 1
+    # once the pages have landed, the owner's next prefetch makes room again
+    buf.fill_many("r", tuple(range(64)), 10, [b"p"] * 64)
+    assert 5 in buf.reserve(1, "r", [5, 70], 20, 20)
