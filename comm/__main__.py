@@ -4,8 +4,12 @@ backend processes), bench (the benchmark suite)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +34,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        with _term_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # the command's own finally blocks have cleaned up
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``kill``, a supervisor) takes the Ctrl-C path, which
+    stops the page servers the command started and removes its temporary store;
+    left at its default, it killed this process and orphaned them. (``serve`` sets
+    handlers of its own.)"""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
