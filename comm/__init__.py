@@ -25,6 +25,7 @@ from ._errors import (
     RequestTimeout,
     ServerError,
     ShardUnavailable,
+    WrongShard,
 )
 from ._slot import Slot, SlotState
 
@@ -33,5 +34,5 @@ __all__ = [
     "CommConfig", "CommError",
     "Communicator", "ConfigError", "InvalidRequest", "InvalidStateError", "NotFound",
     "PageNotFound", "RelTag", "RelationNotFound", "RequestTimeout", "ServerError",
-    "ShardUnavailable", "Slot", "SlotState", "SlruKind",
+    "ShardUnavailable", "Slot", "SlotState", "SlruKind", "WrongShard",
 ]

@@ -66,6 +66,7 @@ class ProcBackend:
         self._sock.connect(endpoint)
         self._shm: shared_memory.SharedMemory | None = None
         self._closed = False
+        self._owner: int | None = None  # the thread that uses this handle (see _enter)
         self._cancel = threading.Event()
         self._ring_fd: int | None = None  # read end of the completion FIFO
         self._poller = zmq.Poller()
@@ -267,6 +268,14 @@ class ProcBackend:
     def _enter(self) -> None:
         if self._closed:
             raise CommClosed(f"{self.name} is closed")
+        # one thread per handle, as with Communicator.backend(): its socket, slots and
+        # completions are not shared (two threads lost each other's completions)
+        ident = threading.get_ident()
+        if self._owner != ident:
+            if self._owner is not None:
+                raise InvalidRequest(f"{self.name} belongs to another thread; attach once "
+                                     f"per thread with comm.attach()")
+            self._owner = ident
         self._cancel.clear()
 
     def _meta(self, kind: int, rel: RelTag | None, lsn: Any, nms: Any, timeout: Any,

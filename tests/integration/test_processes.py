@@ -236,3 +236,25 @@ def test_serve_refuses_bad_input_in_one_line_and_exits(listen: str, env: dict[st
                        env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and words in r.stderr
+
+
+def test_a_process_backend_belongs_to_one_thread(commproc: CommProcess) -> None:
+    import threading
+
+    rel = comm.RelTag(1663, 16384, 16384)
+    with comm.attach(commproc.endpoint) as be:
+        assert be.get_page(rel, 1, LSN) == synth_pages(rel, [1], LSN)[0]
+        errors: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                be.get_page(rel, 2, LSN)
+            except BaseException as e:
+                errors.append(e)
+
+        th = threading.Thread(target=other)
+        th.start()
+        th.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], comm.InvalidRequest)
+        assert "belongs to another thread" in str(errors[0])
+        assert be.get_page(rel, 3, LSN) == synth_pages(rel, [3], LSN)[0]
