@@ -28,14 +28,34 @@ class CurveKeyError(ShardsError):
 
 
 def keygen(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
-    """Create ``NAME.key`` and ``NAME.key_secret`` in ``directory``; returns both paths."""
-    if not name or "/" in name or name.startswith("."):
-        raise CurveKeyError(f"key name {name!r} must be a plain file name")
+    """Create ``NAME.key`` and ``NAME.key_secret`` in ``directory``; returns both paths.
+
+    Refuses a name that is not a plain file name, and never overwrites an existing
+    key file (a lost secret key locks every peer out)."""
+    check_key_name(name)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(d), name)
-    os.chmod(secret, 0o600)
+    for path in (d / f"{name}.key", d / f"{name}.key_secret"):
+        if path.exists():
+            raise CurveKeyError(f"{path} already exists: keygen does not overwrite keys "
+                                f"(remove it, or choose another name)")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(str(d), name)
+        os.chmod(secret, 0o600)
+    except OSError as e:
+        raise CurveKeyError(f"cannot create key files in {d}: {e}") from None
     return Path(public), Path(secret)
+
+
+def check_key_name(name: str) -> str:
+    """``name`` if it can be a key file stem: one path component, not hidden, no NUL."""
+    seps = [s for s in (os.sep, os.altsep, "/") if s]
+    # a leading '.' covers '.', '..' and hidden files nobody would find
+    if (not isinstance(name, str) or not name or name.startswith(".") or "\0" in name
+            or any(s in name for s in seps)):
+        raise CurveKeyError(f"key name {name!r} must be a plain file name (not empty, no "
+                            f"path separator, not starting with '.')")
+    return name
 
 
 def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
@@ -80,7 +100,18 @@ def add_cli(subparsers: Any) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    public, secret = keygen(args.directory, args.name)
+    import sys
+
+    try:
+        check_key_name(args.name)
+    except CurveKeyError as e:
+        print(f"error: --name: {e}", file=sys.stderr)
+        return 2
+    try:
+        public, secret = keygen(args.directory, args.name)
+    except ShardsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 

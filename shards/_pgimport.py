@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import PgImportError, StoreError
+from ._errors import PgImportError, ShardsError, StoreError
 from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
 from ._store import PageStore
-from ._synth import _parse_lsn, format_lsn
+from ._synth import MAX_SHARD_COUNT, MAX_STRIPE_SIZE, _parse_lsn, check_flag, format_lsn
 from ._types import BLCKSZ, FORK_SUFFIXES, MAX_LSN, RelTag
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,10 @@ def import_pgdata(pgdata: str | os.PathLike[str], store_dir: str | os.PathLike[s
     """Import (or re-import, writing only changes) a stopped cluster at ``lsn``
     (default: its latest checkpoint). See the module docstring."""
     t0 = time.monotonic()
-    check_shard_params(shard_count, stripe_size)
+    try:
+        check_shard_params(shard_count, stripe_size)
+    except ValueError as e:
+        raise PgImportError(str(e)) from None
     src = check_pgdata(pgdata)
     if lsn is None:
         lsn = read_checkpoint_lsn(src)
@@ -354,7 +357,7 @@ def import_pgdata(pgdata: str | os.PathLike[str], store_dir: str | os.PathLike[s
     result = ImportResult(lsn=lsn)
     try:
         stores = _open_stores(Path(store_dir), shard_count, stripe_size)
-    except StoreError as e:
+    except (StoreError, OSError) as e:  # OSError: write_layout could not create the store
         raise PgImportError(f"cannot open page store {store_dir}: {e}") from e
     bar = None
     try:
@@ -407,16 +410,25 @@ def add_cli(subparsers: Any) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     layout: dict[str, int] = {}
-    if (Path(args.store) / LAYOUT_FILE).exists():
-        layout = read_layout(args.store)
-    shard_count = args.shard_count or layout.get("shard_count", 1)
-    stripe_size = args.stripe_size or layout.get("stripe_size", DEFAULT_STRIPE_SIZE)
+    try:
+        check_flag("--shard-count", args.shard_count, 1, MAX_SHARD_COUNT)
+        check_flag("--stripe-size", args.stripe_size, 1, MAX_STRIPE_SIZE)
+        check_flag("--lsn", args.lsn, 1, MAX_LSN)
+        if (Path(args.store) / LAYOUT_FILE).exists():
+            layout = read_layout(args.store)
+    except ShardsError as e:  # a bad flag or an unreadable layout.json: one line, like serve
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # "is None", not "or": an explicit 0 was rejected above, never replaced by a default
+    shard_count = layout.get("shard_count", 1) if args.shard_count is None else args.shard_count
+    stripe_size = (layout.get("stripe_size", DEFAULT_STRIPE_SIZE) if args.stripe_size is None
+                   else args.stripe_size)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         r = import_pgdata(args.pgdata, args.store, shard_count=shard_count,
                           stripe_size=stripe_size, lsn=args.lsn, progress=progress)
-    except PgImportError as e:
-        print(f"import-pgdata: {e}", file=sys.stderr)
+    except PgImportError as e:  # the import itself failed: status 1, as it always was
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"imported {args.pgdata} at LSN {format_lsn(r.lsn)} into {args.store} "
           f"({shard_count} shards, stripe {stripe_size}): {r.pages_seen} pages seen, "

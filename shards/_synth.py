@@ -28,13 +28,23 @@ import logging
 import struct
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ._checksum import pg_checksum_pages
-from ._layout import open_shard_store, write_layout
+from ._errors import ShardsError, StoreError
+from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
 from ._protocol import SLRU_PAGES_PER_SEGMENT
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
-from ._types import BLCKSZ, MAIN_FORKNUM, MAX_BLOCKNO, MAX_LSN, RelTag, check_reltag
+from ._types import (
+    BLCKSZ,
+    MAIN_FORKNUM,
+    MAX_BLOCKNO,
+    MAX_LSN,
+    MAX_UINT32,
+    RelTag,
+    check_reltag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,15 @@ SYNTH_FIRST_REL = 16384
 DEFAULT_LSNS = (0x1000000,)
 MAGIC = 0x53594E54  # "SYNT"
 BATCH_PAGES = 4096  # pages per LMDB write transaction and shard
+MAX_SHARD_COUNT = 255  # check_shard_params; shard directories stop at shard-0254
+MAX_STRIPE_SIZE = 1 << 31  # COMM_STRIPE_SIZE's bound: no communicator reads a wider stripe
+MAX_RELS = MAX_UINT32 - SYNTH_FIRST_REL + 1  # relfilenodes are uint32
+MAX_NBLOCKS = MAX_BLOCKNO + 1  # a relation's size as the store records it
+
+
+class GenerateError(ShardsError, ValueError):
+    """generate_store's arguments are invalid or do not fit the store it would write
+    into. A ValueError too, as argument errors always were."""
 
 _HEADER = struct.Struct("<IIHHHHHHI")  # lsn hi, lo, checksum, flags, lower, upper, special,
 #                                        pagesize_version, prune_xid
@@ -113,11 +132,35 @@ def synth_rels(count: int) -> list[RelTag]:
 
 
 def _check_lsns(lsns: Iterable[int]) -> list[int]:
-    out = sorted(set(lsns))
+    try:
+        out = sorted(set(lsns))
+    except TypeError:  # not iterable, or values that do not compare
+        out = []
     if not out or any(not isinstance(x, int) or not 1 <= x <= MAX_LSN for x in out):
-        raise ValueError(f"lsns must be a non-empty collection of ints in 1..{MAX_LSN}, "
-                         f"got {lsns!r}")
+        raise GenerateError(f"lsns must be a non-empty collection of ints in 1..{MAX_LSN}, "
+                            f"got {lsns!r}")
     return out
+
+
+def _is_int(v: object, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _prepare_layout(store_dir: Any, shard_count: int, stripe_size: int) -> None:
+    """Write ``store_dir``'s layout, or check an existing one against the arguments:
+    pages sharded for another layout would land where no reader looks for them."""
+    if (Path(store_dir) / LAYOUT_FILE).exists():
+        layout = read_layout(store_dir)  # StoreError if unreadable: never overwrite it
+        if (layout["shard_count"], layout["stripe_size"]) != (shard_count, stripe_size):
+            raise GenerateError(
+                f"{store_dir} holds {layout['shard_count']} shard(s) with stripe size "
+                f"{layout['stripe_size']}, not {shard_count} with {stripe_size}: generate "
+                f"into a new store directory, or with the store's own layout")
+        return
+    try:
+        write_layout(store_dir, shard_count, stripe_size)
+    except OSError as e:
+        raise StoreError(f"cannot create store at {store_dir}: {e}") from None
 
 
 def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_STRIPE_SIZE, *,
@@ -128,15 +171,29 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
     Pages go only to the shard that owns them (:func:`shard_for`); every shard keeps
     the relation sizes (for its bounds checks) and last_lsn; shard 0 also keeps the
     database size and one CLOG segment (kind 0, segno 0) per LSN.
+
+    An existing store must have the same shard count and stripe size
+    (GenerateError otherwise, and the store is left as it was); one that cannot be
+    created raises StoreError.
     """
-    check_shard_params(shard_count, stripe_size)
-    if not isinstance(rels, int) or rels < 1 or not isinstance(nblocks, int) or nblocks < 0:
-        raise ValueError(f"rels must be >= 1 and nblocks >= 0, got rels={rels!r} "
-                         f"nblocks={nblocks!r}")
+    try:
+        check_shard_params(shard_count, stripe_size)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if not _is_int(rels, 1, MAX_RELS) or not _is_int(nblocks, 0, MAX_NBLOCKS):
+        raise GenerateError(f"rels must be an int in 1..{MAX_RELS} and nblocks in "
+                            f"0..{MAX_NBLOCKS}, got rels={rels!r} nblocks={nblocks!r}")
     lsn_list = _check_lsns(lsns)
     tags = synth_rels(rels)
-    write_layout(store_dir, shard_count, stripe_size)
-    stores = [open_shard_store(store_dir, s) for s in range(shard_count)]
+    _prepare_layout(store_dir, shard_count, stripe_size)
+    stores: list[Any] = []
+    try:
+        for s in range(shard_count):
+            stores.append(open_shard_store(store_dir, s))
+    except StoreError as e:
+        for st in stores:
+            st.close()
+        raise StoreError(f"cannot create store at {store_dir}: {e}") from None
     t0 = time.monotonic()
     written = 0
     try:
@@ -213,8 +270,10 @@ def _parse_lsn(text: str) -> int:
     """An LSN as PostgreSQL prints it (``16/B374D848``) or as an integer (``0x1000000``)."""
     try:
         if "/" in text:
-            hi, lo = text.split("/")
-            return (int(hi, 16) << 32) | int(lo, 16)
+            hi, lo = (int(part, 16) for part in text.split("/"))
+            if not (0 <= hi <= MAX_UINT32 and 0 <= lo <= MAX_UINT32):
+                raise ValueError  # each half is 32 bits: no silent overlap
+            return (hi << 32) | lo
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -232,7 +291,9 @@ def add_cli(subparsers: Any) -> None:
                               "checksums) into a sharded page store.")
     p.add_argument("--store", required=True, help="store directory (created)")
     p.add_argument("--shard-count", type=int, required=True)
-    p.add_argument("--stripe-size", type=int, default=DEFAULT_STRIPE_SIZE)
+    p.add_argument("--stripe-size", type=int, default=None,
+                   help=f"blocks per stripe (default: the store's layout, or "
+                   f"{DEFAULT_STRIPE_SIZE})")
     p.add_argument("--rels", type=int, default=4, help="number of relations (default 4)")
     p.add_argument("--nblocks", type=int, default=1024, help="blocks per relation")
     p.add_argument("--lsn", type=_parse_lsn, action="append", dest="lsns",
@@ -242,13 +303,34 @@ def add_cli(subparsers: Any) -> None:
     p.set_defaults(func=_cli)
 
 
+def check_flag(flag: str, value: int | None, lo: int, hi: int) -> None:
+    """ShardsError naming ``flag`` unless ``value`` (None: not given) is in lo..hi, so a
+    CLI rejects a bad number before it touches any store."""
+    if value is not None and not lo <= value <= hi:
+        raise ShardsError(f"{flag} must be in {lo}..{hi}, got {value}")
+
+
 def _cli(args: argparse.Namespace) -> int:
     import sys
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    desc = generate_store(args.store, args.shard_count, args.stripe_size, rels=args.rels,
-                          nblocks=args.nblocks, lsns=args.lsns or DEFAULT_LSNS,
-                          progress=progress)
+    try:
+        check_flag("--shard-count", args.shard_count, 1, MAX_SHARD_COUNT)
+        check_flag("--stripe-size", args.stripe_size, 1, MAX_STRIPE_SIZE)
+        check_flag("--rels", args.rels, 1, MAX_RELS)
+        check_flag("--nblocks", args.nblocks, 0, MAX_NBLOCKS)
+        for lsn in args.lsns or ():
+            check_flag("--lsn", lsn, 1, MAX_LSN)
+        stripe_size = args.stripe_size
+        if stripe_size is None:  # like import-pgdata: an existing store's own stripe
+            exists = (Path(args.store) / LAYOUT_FILE).exists()
+            stripe_size = read_layout(args.store)["stripe_size"] if exists else DEFAULT_STRIPE_SIZE
+        desc = generate_store(args.store, args.shard_count, stripe_size, rels=args.rels,
+                              nblocks=args.nblocks, lsns=args.lsns or DEFAULT_LSNS,
+                              progress=progress)
+    except ShardsError as e:  # GenerateError, StoreError: one line, like serve
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rate = desc["pages"] / desc["seconds"] if desc["seconds"] > 0 else float("inf")
     print(f"generated {desc['pages']} pages ({len(desc['rels'])} relations x "
           f"{desc['nblocks']} blocks x {len(desc['lsns'])} LSNs) into {args.store} "

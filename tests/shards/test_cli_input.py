@@ -1,0 +1,218 @@
+"""Bad input to ``python -m shards`` generate, import-pgdata and keygen: one line
+``error: ...`` naming the flag or path, exit status 2, no traceback, nothing lost.
+No page servers: the CLI runs in-process (and once as a real subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shards import ShardsError, StoreError, generate_store, open_shard_store, shard_for
+from shards.__main__ import main
+from shards._curve import CurveKeyError, keygen
+from shards._pgimport import import_pgdata
+from shards._synth import GenerateError, synth_page, synth_rels
+
+LSN = 0x1000000
+UNWRITABLE = "/proc/nope"  # procfs: no directory can be created there, not even by root
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _assert_one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+@pytest.fixture
+def store4(tmp_path: Path) -> Path:
+    """A tiny 4-shard store (stripe 2: pages spread over the shards)."""
+    d = tmp_path / "s4"
+    generate_store(d, 4, 2, rels=1, nblocks=16, lsns=(LSN,))
+    return d
+
+
+@pytest.fixture
+def pgdata(tmp_path: Path) -> Path:
+    """The smallest directory check_pgdata accepts (no relation files; pass --lsn)."""
+    d = tmp_path / "pgdata"
+    (d / "global").mkdir(parents=True)
+    (d / "base").mkdir()
+    (d / "PG_VERSION").write_text("15\n")
+    (d / "global" / "pg_control").write_bytes(b"")
+    return d
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--shard-count", "0"], "--shard-count"),
+    (["--shard-count", "-1"], "--shard-count"),
+    (["--shard-count", "256"], "--shard-count"),
+    (["--shard-count", "1", "--stripe-size", "0"], "--stripe-size"),
+    (["--shard-count", "1", "--stripe-size", str((1 << 31) + 1)], "--stripe-size"),
+    (["--shard-count", "1", "--nblocks", "-1"], "--nblocks"),
+    (["--shard-count", "1", "--nblocks", str(1 << 32)], "--nblocks"),
+    (["--shard-count", "1", "--rels", "0"], "--rels"),
+    (["--shard-count", "1", "--lsn", "0"], "--lsn"),
+])
+def test_generate_rejects_bad_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      args: list[str], needle: str) -> None:
+    store = tmp_path / "store"
+    rc, err = _run(["generate", "--store", str(store), "--no-progress", *args], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, needle)
+    assert not store.exists()  # refused before anything was written
+
+
+def test_generate_unwritable_store(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _run(["generate", "--store", UNWRITABLE, "--shard-count", "1", "--no-progress"],
+                   capsys)
+    assert rc == 2
+    _assert_one_line_error(err, f"cannot create store at {UNWRITABLE}")
+    with pytest.raises(StoreError, match="cannot create store"):
+        generate_store(UNWRITABLE, 1, rels=1, nblocks=1)
+
+
+def test_generate_refuses_other_layout(store4: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    layout = (store4 / "layout.json").read_bytes()
+    rel = synth_rels(1)[0]
+    for args, asked in ((["--shard-count", "3", "--stripe-size", "2"], "not 3 with 2"),
+                        (["--shard-count", "4", "--stripe-size", "8"], "not 4 with 8"),
+                        (["--shard-count", "2"], "not 2 with 2")):  # stripe from the layout
+        rc, err = _run(["generate", "--store", str(store4), "--rels", "1", "--nblocks", "16",
+                        "--no-progress", *args], capsys)
+        assert rc == 2
+        _assert_one_line_error(err, str(store4), "holds 4 shard(s) with stripe size 2", asked)
+    with pytest.raises(GenerateError, match="holds 4 shard"):
+        generate_store(store4, 3, 2, rels=1, nblocks=16, lsns=(LSN,))
+    with pytest.raises(ShardsError, match="stripe size 2, not 4 with 2048"):
+        generate_store(store4, 4, rels=1, nblocks=16, lsns=(LSN,))
+    assert (store4 / "layout.json").read_bytes() == layout
+    assert not (store4 / "shard-0004").exists()
+    for blk in range(16):  # every page still where its 4-shard owner reads it
+        with open_shard_store(store4, shard_for(rel, blk, 4, 2), readonly=True) as st:
+            assert st.get_page(rel, blk, LSN) == synth_page(rel, blk, LSN)
+
+
+def test_generate_same_layout_still_works(store4: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["generate", "--store", str(store4), "--shard-count", "4", "--rels", "1",
+               "--nblocks", "16", "--lsn", "0/2000000", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rel = synth_rels(1)[0]
+    with open_shard_store(store4, shard_for(rel, 5, 4, 2), readonly=True) as st:
+        assert st.get_page(rel, 5, 0x2000000) == synth_page(rel, 5, 0x2000000)
+
+
+def test_generate_library_errors_are_typed(tmp_path: Path) -> None:
+    for kwargs in ({"shard_count": 0}, {"shard_count": 1, "stripe_size": 0},
+                   {"shard_count": 1, "nblocks": -1}, {"shard_count": 1, "rels": True},
+                   {"shard_count": 1, "lsns": ()}, {"shard_count": 1, "lsns": None}):
+        with pytest.raises(GenerateError):  # a ShardsError and a ValueError
+            generate_store(tmp_path / "s", **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
+
+
+def test_generate_corrupt_layout_is_refused(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "layout.json").write_text("{oops")
+    rc, err = _run(["generate", "--store", str(tmp_path), "--shard-count", "1",
+                    "--no-progress"], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, "layout.json")
+    assert (tmp_path / "layout.json").read_text() == "{oops"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--shard-count", "0"], "--shard-count"),
+    (["--shard-count", "-2"], "--shard-count"),
+    (["--shard-count", "256"], "--shard-count"),
+    (["--stripe-size", "0"], "--stripe-size"),
+    (["--stripe-size", "-5"], "--stripe-size"),
+    (["--lsn", "0"], "--lsn"),
+])
+def test_import_rejects_bad_numbers(tmp_path: Path, pgdata: Path,
+                                    capsys: pytest.CaptureFixture[str],
+                                    args: list[str], needle: str) -> None:
+    store = tmp_path / "store"
+    rc, err = _run(["import-pgdata", str(pgdata), "--store", str(store), "--no-progress",
+                    *args], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, needle)
+    assert not store.exists()
+
+
+def test_import_library_rejects_bad_shard_params(tmp_path: Path, pgdata: Path) -> None:
+    from shards import PgImportError
+
+    with pytest.raises(PgImportError, match="shard_count"):
+        import_pgdata(pgdata, tmp_path / "store", shard_count=0, lsn=LSN)
+    assert not (tmp_path / "store").exists()
+
+
+def test_import_store_errors(tmp_path: Path, pgdata: Path, store4: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _run(["import-pgdata", str(pgdata), "--store", UNWRITABLE, "--lsn", "0/100",
+                    "--no-progress"], capsys)
+    assert rc == 1  # the import failed (status 1, as tests/integration expect)
+    _assert_one_line_error(err, UNWRITABLE)
+    layout = (store4 / "layout.json").read_bytes()
+    rc, err = _run(["import-pgdata", str(pgdata), "--store", str(store4), "--lsn", "0/100",
+                    "--shard-count", "2", "--no-progress"], capsys)
+    assert rc == 1
+    _assert_one_line_error(err, "holds 4 shard(s)", "not 2 with 2")
+    assert (store4 / "layout.json").read_bytes() == layout
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "layout.json").write_text("[]")
+    rc, err = _run(["import-pgdata", str(pgdata), "--store", str(bad), "--lsn", "0/100",
+                    "--no-progress"], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, "layout.json")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".", "..", ".hidden", "nul\0"])
+def test_keygen_rejects_bad_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  name: str) -> None:
+    rc, err = _run(["keygen", str(tmp_path / "keys"), "--name", name], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, "--name", "plain file name")
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "evil.key").exists()
+    with pytest.raises(CurveKeyError, match="plain file name"):
+        keygen(tmp_path / "keys", name)
+
+
+def test_keygen_unwritable_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _run(["keygen", UNWRITABLE], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, f"cannot create key files in {UNWRITABLE}")
+
+
+def test_keygen_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen", str(tmp_path), "--name", "srv"]) == 0
+    secret = (tmp_path / "srv.key_secret").read_bytes()
+    assert (tmp_path / "srv.key_secret").stat().st_mode & 0o077 == 0
+    capsys.readouterr()
+    rc, err = _run(["keygen", str(tmp_path), "--name", "srv"], capsys)
+    assert rc == 2
+    _assert_one_line_error(err, "srv.key", "already exists")
+    assert (tmp_path / "srv.key_secret").read_bytes() == secret
+
+
+def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
+    """The real entry point (``python -m shards``), as a new user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "shards", "generate", "--store",
+                           str(tmp_path / "s"), "--shard-count", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --shard-count must be in 1..255, got 0"
