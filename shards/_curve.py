@@ -40,8 +40,15 @@ def keygen(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:
                                 f"(remove it, or choose another name)")
     try:
         d.mkdir(parents=True, exist_ok=True)
-        public, secret = zmq.auth.create_certificates(str(d), name)
-        os.chmod(secret, 0o600)
+        # the secret file is born private: a chmod after writing it would leave a
+        # moment in which others may read it (the umask is per process: keygen is a
+        # setup step, not something to run beside threads that create files)
+        old = os.umask(0o077)
+        try:
+            public, secret = zmq.auth.create_certificates(str(d), name)
+        finally:
+            os.umask(old)
+        os.chmod(public, 0o644)
     except OSError as e:
         raise CurveKeyError(f"cannot create key files in {d}: {e}") from None
     return Path(public), Path(secret)

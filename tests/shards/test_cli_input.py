@@ -216,3 +216,26 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --shard-count must be in 1..255, got 0"
+
+
+def test_keygen_writes_the_secret_key_private_from_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import zmq.auth
+
+    from shards._curve import keygen
+
+    real = zmq.auth.create_certificates
+    seen: list[int] = []
+
+    def spy(*args: object, **kw: object) -> object:
+        mask = os.umask(0)
+        os.umask(mask)
+        seen.append(mask)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", spy)
+    public, secret = keygen(tmp_path, "k")
+    assert seen and seen[0] & 0o077 == 0o077  # no moment in which others could read it
+    assert secret.stat().st_mode & 0o777 == 0o600 and public.stat().st_mode & 0o777 == 0o644
