@@ -22,6 +22,7 @@ from typing import Any
 
 from shards import (
     BLCKSZ,
+    MAX_BLOCKNO,
     LocalCluster,
     RelTag,
     import_pgdata,
@@ -30,7 +31,7 @@ from shards import (
 )
 from shards._checksum import verify_page_checksums
 from shards._pgimport import relation_path
-from shards._synth import generate_store, synth_pages
+from shards._synth import MAX_RELS, MAX_SHARD_COUNT, generate_store, synth_pages
 
 from ._communicator import Communicator
 from ._config import CommConfig
@@ -38,18 +39,37 @@ from ._errors import CommError
 
 Expected = Callable[[RelTag, int, int], bytes]  # (rel, start, end) -> the blocks' bytes
 SEGMENT_BLOCKS = 131072
+MAX_SHARDS = MAX_SHARD_COUNT  # shards.check_shard_params and COMM_SHARDS: 1..255
+
+
+def int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in lo..hi (no upper limit if hi is None).
+    argparse prefixes the message with the flag: "argument --shards: must be ..."."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            limit = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be an integer {limit}, got {text!r}")
+        return v
+    return parse
 
 
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("demo", help="embedded cluster + real or generated data, verified reads")
     p.add_argument("--source", choices=("auto", "pg", "synth"), default="auto",
                    help="auto: PostgreSQL if its binaries are installed, else generated pages")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--backends", type=int, default=16)
-    p.add_argument("--scale", type=int, default=4, help="pgbench scale (source pg)")
-    p.add_argument("--rels", type=int, default=8, help="relations (source synth)")
-    p.add_argument("--nblocks", type=int, default=4096, help="blocks per relation (synth)")
-    p.add_argument("--prefetch", type=int, default=32, help="prefetch distance in pages")
+    p.add_argument("--shards", type=int_arg(1, MAX_SHARDS), default=4)
+    p.add_argument("--backends", type=int_arg(1), default=16)
+    p.add_argument("--scale", type=int_arg(1), default=4, help="pgbench scale (source pg)")
+    p.add_argument("--rels", type=int_arg(1, MAX_RELS), default=8,
+                   help="relations (source synth)")
+    p.add_argument("--nblocks", type=int_arg(1, MAX_BLOCKNO + 1), default=4096,
+                   help="blocks per relation (synth)")
+    p.add_argument("--prefetch", type=int_arg(0), default=32,
+                   help="prefetch distance in pages (0: no prefetch)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -37,6 +38,13 @@ def main() -> None:
                     help="share of calls that also prefetch (0: every read hits a server)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pagecomm-overload-"))
+    try:  # the store is tens of MB: never leave it behind, also not on Ctrl-C
+        _soak(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _soak(args: argparse.Namespace, work: Path) -> None:
     desc = generate_store(work / "store", 2, 64, rels=2, nblocks=2048)
     lsn = max(desc["lsns"])
     outcome: collections.Counter[str] = collections.Counter()
@@ -47,7 +55,8 @@ def main() -> None:
             comm.Communicator(cl.endpoints, stripe_size=64,
                               config=comm.CommConfig(request_timeout=5.0)) as c:
         def backend(seed: int) -> None:
-            rnd, local = random.Random(seed), collections.Counter()
+            rnd = random.Random(seed)
+            local: collections.Counter[str] = collections.Counter()
             with c.backend() as be:
                 while not stop.is_set():
                     rel = rnd.choice(desc["rels"])
@@ -70,16 +79,20 @@ def main() -> None:
               f"{'retries':>8} {'completed':>10}")
         end = time.monotonic() + args.seconds
         peak = base
-        while time.monotonic() < end:
-            time.sleep(1.0)
-            st = c.stats()
-            peak = max(peak, rss_kib())
-            print(f"{args.seconds - (end - time.monotonic()):4.0f} {rss_kib() / 1024:12.1f} "
-                  f"{' '.join(f'{rss_kib(p.pid) / 1024:.1f}' for p in cl.procs):>16} "
-                  f"{sum(s['queued'] for s in st['shards']):7d} "
-                  f"{sum(s['retries'] for s in st['shards']):8d} "
-                  f"{sum(s['completed'] for s in st['shards']):10d}")
-        stop.set()
+        try:
+            while time.monotonic() < end:
+                time.sleep(1.0)
+                st = c.stats()
+                peak = max(peak, rss_kib())
+                servers = " ".join(f"{rss_kib(p.pid) / 1024:.1f}" for p in cl.procs
+                                   if p is not None)
+                print(f"{args.seconds - (end - time.monotonic()):4.0f} {rss_kib() / 1024:12.1f} "
+                      f"{servers:>16} "
+                      f"{sum(s['queued'] for s in st['shards']):7d} "
+                      f"{sum(s['retries'] for s in st['shards']):8d} "
+                      f"{sum(s['completed'] for s in st['shards']):10d}")
+        finally:  # also on Ctrl-C: stop the backends before the communicator closes
+            stop.set()
         for t in threads:
             t.join(30)
     print(f"calls: {dict(outcome)}")

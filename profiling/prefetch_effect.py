@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -57,12 +58,15 @@ def random_reads(c: comm.Communicator, rels: list, nblocks: int, lsn: int, reade
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(readers)]
     threads += [threading.Thread(target=flooder, args=(100 + i,)) for i in range(flood)]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join(30)
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+    finally:  # also on Ctrl-C: non-daemon threads would otherwise keep the process alive
+        stop.set()
+        for t in threads:
+            if t.ident is not None:  # started
+                t.join(30)
     lat.sort()
     return (statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99)] * 1e3,
             c.stats()["prefetch"]["issued"])
@@ -77,6 +81,13 @@ def main() -> None:
     ap.add_argument("--flooders", type=int, default=8)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pagecomm-pf-"))
+    try:  # the store is ~100 MB: never leave it behind, also not on Ctrl-C
+        _measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, root: Path) -> None:
     desc = generate_store(root / "store", 4, 2048, rels=2, nblocks=args.pages)
     lsn, rels = max(desc["lsns"]), desc["rels"]
     with LocalCluster(root / "store", latency_ms=args.latency_ms) as cl:

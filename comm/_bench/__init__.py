@@ -17,6 +17,8 @@ computed from cells of this one run.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import platform
 import shlex
@@ -24,11 +26,16 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST
+
 from .._config import CommConfig
+from .._demo import MAX_RELS, MAX_SHARDS, int_arg
 from . import _report
+from ._pagecomm import prefetch_buffer_pages
 from ._setup import Dataset, Params
 from ._workloads import WORKLOADS, run_cell
 
@@ -36,50 +43,106 @@ __all__ = ["add_cli", "main", "run_cli"]
 
 DESIGNS = ("raw", "old", "pagecomm", "proc")
 DEFAULT_DESIGNS = ["raw", "old", "pagecomm"]  # proc spawns a process per backend: opt-in
+# CommConfig's ranges (comm/_config.py) for the flags that set its fields: checked at
+# parse time so the error names the flag, not COMM_*; the tests keep them in step
+CONFIG_RANGES: dict[str, tuple[str, int, int]] = {
+    "--threads-per-shard": ("threads_per_shard", 1, 64),
+    "--inflight": ("inflight_per_conn", 1, 65536),
+    "--inflight-pages": ("inflight_pages_per_conn", 1, 1 << 24),
+    "--prefetch-pages": ("prefetch_pages", 0, 1 << 24),
+}
+MAX_SECONDS = 1e6  # as CommConfig's timeouts; time.sleep overflows far above it
+MAX_LATENCY_MS = 3_600_000  # a page server refuses latency >= 3600 s
+# --quick's values for flags not given; then the plain defaults (explicit flags win)
+QUICK: dict[str, Any] = {"backends": [2], "shards": 2, "duration": 0.3, "latency_ms": [0.0],
+         "pages_per_rel": 1024, "rels": 4}
+PLAIN: dict[str, Any] = {"shards": 4, "duration": 3.0, "rels": 8, "pages_per_rel": 16384}
+
+
+def _items(text: str) -> list[str]:
+    """The comma-separated items of a list flag; an empty one is a typo, not a skip."""
+    vals = [v.strip() for v in text.split(",")]
+    if not all(vals):
+        raise argparse.ArgumentTypeError(f"empty item in {text!r}")
+    return vals
 
 
 def _ints(text: str) -> list[int]:
+    items = _items(text)
     try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
+        vals = [int(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 1,16,64, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
+    if any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}") from None
     return vals
 
 
 def _floats(text: str) -> list[float]:
+    items = _items(text)
     try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
+        vals = [float(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5, got {text!r}") from None
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}") from None
+    if not all(0 <= v < MAX_LATENCY_MS for v in vals):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected finite non-negative numbers below "
+                                         f"{MAX_LATENCY_MS}, got {text!r}") from None
     return vals
 
 
-def _choices(allowed: tuple[str, ...]) -> Any:
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
-        vals = [v.strip() for v in text.split(",") if v.strip()]
+        vals = _items(text)
         bad = [v for v in vals if v not in allowed]
-        if not vals or bad:
-            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {','.join(allowed)}")
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad}: choose from {','.join(allowed)}")
         return vals
     return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    v = _number(text)
+    if not 0 < v <= MAX_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 and <= "
+                                         f"{MAX_SECONDS:g}, got {text!r}")
+    return v
+
+
+def _rate(text: str) -> float:
+    v = _number(text)
+    if not (v == 0.0 or 0.01 <= v < math.inf):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 (unpaced) or a finite number >= 0.01, "
+                                         f"not {text}")
+    return v
+
+
+def _config_int(flag: str) -> Callable[[str], int]:
+    _, lo, hi = CONFIG_RANGES[flag]
+    return int_arg(lo, hi)
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=_ints, default=None,
                    help="backend counts (list, default 1,16,64)")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--threads-per-shard", type=int, default=1, help="pagecomm workers per shard")
-    p.add_argument("--inflight", type=int, default=64,
+    p.add_argument("--shards", type=int_arg(1, MAX_SHARDS), default=None,
+                   help=f"page servers, 1..{MAX_SHARDS} (default 4)")
+    p.add_argument("--threads-per-shard", type=_config_int("--threads-per-shard"), default=1,
+                   help="pagecomm workers per shard")
+    p.add_argument("--inflight", type=_config_int("--inflight"), default=64,
                    help="in-flight window per connection (pagecomm and raw)")
-    p.add_argument("--inflight-pages", type=int, default=CommConfig.inflight_pages_per_conn,
+    p.add_argument("--inflight-pages", type=_config_int("--inflight-pages"),
+                   default=CommConfig.inflight_pages_per_conn,
                    help="pages of multi-page requests in flight per connection (pagecomm)")
     p.add_argument("--latency-ms", type=_floats, default=None,
                    help="injected server latencies (list, default 0,0.5)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per cell")
+    p.add_argument("--duration", type=_seconds, default=None, help="seconds per cell (default 3)")
     p.add_argument("--workloads", type=_choices(WORKLOADS), default=None,
                    help=f"list (default {','.join(WORKLOADS)})")
     p.add_argument("--designs", type=_choices(DESIGNS), default=None,
@@ -90,26 +153,38 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    "--workloads random,scan --backends 16 --latency-ms 0")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="JSON + PNG directory")
     p.add_argument("--quick", action="store_true",
-                   help="tiny CI smoke run: 2 shards, 2 backends, 0.3 s cells, latency 0")
-    p.add_argument("--rels", type=int, default=8)
-    p.add_argument("--pages-per-rel", type=int, default=16384)
-    p.add_argument("--scan-batch", type=int, default=32, help="pages per foreground scan call")
-    p.add_argument("--distance", type=int, default=128,
-                   help="prefetch distance (pagecomm) = readahead ring size (old design)")
-    p.add_argument("--prefetch-pages", type=int, default=0,
+                   help="tiny CI smoke run: defaults become 2 shards, 2 backends, 4 rels of "
+                   "1024 pages, 0.3 s cells, latency 0; flags given explicitly still win")
+    p.add_argument("--rels", type=int_arg(1, MAX_RELS), default=None,
+                   help="relations (default 8)")
+    p.add_argument("--pages-per-rel", type=int_arg(1, MAX_BLOCKNO + 1), default=None,
+                   help="pages per relation, >= --scan-batch (default 16384)")
+    p.add_argument("--scan-batch", type=int_arg(1, MAX_BLOCKS_PER_REQUEST), default=32,
+                   help=f"pages per foreground scan call, 1..{MAX_BLOCKS_PER_REQUEST} (one "
+                   "wire request)")
+    # the old design's readahead ring needs a slot: 0 would leave its scans nothing to read
+    p.add_argument("--distance", type=int_arg(1), default=128,
+                   help="prefetch distance (pagecomm) = readahead ring size (old design), >= 1")
+    p.add_argument("--prefetch-pages", type=_config_int("--prefetch-pages"), default=0,
                    help="pagecomm prefetch buffer (default: backends x (distance + batch), "
                    "at least 4096)")
-    p.add_argument("--scan-rate", type=float, default=0.0, metavar="PAGES_PER_S",
+    p.add_argument("--scan-rate", type=_rate, default=0.0, metavar="PAGES_PER_S",
                    help="pace each scanning backend to this many pages/s (default 0: as fast "
                    "as it can); with --random-rate, a load that leaves the CPU some room")
-    p.add_argument("--random-rate", type=float, default=0.0, metavar="READS_PER_S",
+    p.add_argument("--random-rate", type=_rate, default=0.0, metavar="READS_PER_S",
                    help="pace each random reader to this many reads/s (default 0: closed "
                    "loop); the pause is outside the timed call")
-    p.add_argument("--chaos", type=float, metavar="SECONDS", default=None,
+    p.add_argument("--chaos", type=_seconds, metavar="SECONDS", default=None,
                    help="instead of the benchmark: a chaos soak of this many seconds (kill -9, "
                    "restart, freeze page servers under --backends readers; counts every outcome)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m comm bench")
+    _configure(p)
+    return p
 
 
 def add_cli(subparsers: Any) -> None:
@@ -117,17 +192,21 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="benchmark: raw ceiling vs old design vs pagecomm",
                               description=__doc__.split("\n\n")[0] if __doc__ else None)
     _configure(p)
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=functools.partial(run_cli, parser=p))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m comm bench")
-    _configure(p)
-    return run_cli(p.parse_args(argv))
+    p = _parser()
+    return run_cli(p.parse_args(argv), p)
 
 
 def _defaults(args: argparse.Namespace) -> None:
-    """Fill the list flags left unset (--proc-vs-threads has its own defaults)."""
+    """Fill the flags left unset: --quick's values, then --proc-vs-threads' lists, then
+    the plain defaults; a flag given explicitly always wins."""
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value.copy() if isinstance(value, list) else value)
     pvt = args.proc_vs_threads
     if args.designs is None:
         args.designs = ["pagecomm", "proc"] if pvt else list(DEFAULT_DESIGNS)
@@ -137,28 +216,45 @@ def _defaults(args: argparse.Namespace) -> None:
         args.backends = [16] if pvt else [1, 16, 64]
     if args.latency_ms is None:
         args.latency_ms = [0.0] if pvt else [0.0, 0.5]
+    for name, value in PLAIN.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace, p: Params, parser: argparse.ArgumentParser) -> None:
+    """The checks that involve several flags, and --out; parser.error (exit 2) on the
+    first problem, before any store is generated."""
+    if args.pages_per_rel < args.scan_batch:
+        parser.error(f"--pages-per-rel ({args.pages_per_rel}) must be >= --scan-batch "
+                     f"({args.scan_batch})")
+    hi = CONFIG_RANGES["--prefetch-pages"][2]
+    buffer = prefetch_buffer_pages(p, max(args.backends))
+    if {"pagecomm", "proc"} & set(args.designs) and buffer > hi:
+        parser.error(f"--backends {max(args.backends)} x (--distance {args.distance} + "
+                     f"--scan-batch {args.scan_batch}) = {buffer} prefetch pages, more than "
+                     f"{hi}: lower them or set --prefetch-pages")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: is a file, not a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: {e.strerror or e}")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out}: not writable")
+
+
+def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or _parser()
     if args.chaos is not None:
         return _chaos_cli(args)
     _defaults(args)
-    if args.quick:
-        args.backends, args.shards, args.duration = [2], 2, min(args.duration, 0.3)
-        args.latency_ms, args.pages_per_rel, args.rels = [0.0], 1024, 4
-    if args.pages_per_rel < args.scan_batch or args.scan_batch > 32:
-        sys.exit("bench: need --pages-per-rel >= --scan-batch and --scan-batch <= 32")
-    for flag, rate in (("--scan-rate", args.scan_rate), ("--random-rate", args.random_rate)):
-        if not (rate == 0.0 or 0.01 <= rate < float("inf")):  # also refuses nan
-            sys.exit(f"bench: {flag} must be 0 (unpaced) or a finite number >= 0.01, "
-                     f"not {rate}")
     params = Params(shards=args.shards, threads_per_shard=args.threads_per_shard,
                     inflight=args.inflight,
                     inflight_pages=args.inflight_pages, duration=args.duration, rels=args.rels,
                     pages_per_rel=args.pages_per_rel, scan_batch=args.scan_batch,
                     distance=args.distance, prefetch_pages=args.prefetch_pages,
                     scan_rate=args.scan_rate, random_rate=args.random_rate)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _check(args, params, parser)
     cells = _run(args, params)
     ts = _report.targets(cells, params.shards)
     print(_report.table(cells))
@@ -180,10 +276,11 @@ def run_cli(args: argparse.Namespace) -> int:
                                             "platform": platform.platform()},
            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cells": cells, "targets": ts,
            "proc_vs_threads": pvt}
-    _report.write_json(args.out / "results.json", doc)
-    files = [args.out / "results.json"]
-    if not args.no_plots:
-        files += _report.plots(cells, args.out)
+    try:
+        files = _write(args, doc, cells)
+    except OSError as e:  # e.g. --out removed or full since the check: one line, no traceback
+        print(f"{parser.prog}: error: --out {args.out}: {e}", file=sys.stderr)
+        return 2
     print("\nwrote " + ", ".join(str(f) for f in files))
     bad = sum(c["wrong"] for c in cells)
     if bad:
@@ -192,12 +289,23 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write(args: argparse.Namespace, doc: dict[str, Any],
+           cells: list[dict[str, Any]]) -> list[Path]:
+    """results.json and (unless --no-plots) the plots; the files written."""
+    _report.write_json(args.out / "results.json", doc)
+    files = [args.out / "results.json"]
+    if not args.no_plots:
+        files += _report.plots(cells, args.out)
+    return files
+
+
 def _chaos_cli(args: argparse.Namespace) -> int:
     from ._chaos import run_chaos
 
     root = Path(tempfile.mkdtemp(prefix="pagecomm-chaos-"))
     try:
-        r = run_chaos(root, shards=args.shards, backends=(args.backends or [32])[0],
+        r = run_chaos(root, shards=args.shards or PLAIN["shards"],
+                      backends=(args.backends or [32])[0],
                       seconds=args.chaos)
     finally:
         shutil.rmtree(root, ignore_errors=True)
