@@ -57,6 +57,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--format", choices=("flamegraph", "raw", "speedscope"), default="raw")
+    ap.add_argument("--gil", action="store_true",
+                    help="sample only the thread holding the GIL: where the server's Python "
+                    "time goes, without the time it waits in poll")
     ap.add_argument("--out", type=Path, default=Path("server-profile.txt"))
     a = ap.parse_args()
     if shutil.which("py-spy") is None:
@@ -75,10 +78,10 @@ def main() -> int:
             try:
                 time.sleep(1.0)  # connections up, servers warm
                 pid = cl.procs[a.shard].pid  # type: ignore[union-attr]
-                done = subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration",
-                                       str(int(a.seconds)), "--rate", "200", "--format",
-                                       a.format, "--output", str(a.out)],
-                                      capture_output=True, text=True)
+                cmd = ["py-spy", "record", "--pid", str(pid), "--duration",
+                       str(int(a.seconds)), "--rate", "200", "--format", a.format,
+                       "--output", str(a.out)] + (["--gil"] if a.gil else [])
+                done = subprocess.run(cmd, capture_output=True, text=True)
             finally:
                 stop.set()
                 for t in readers:
