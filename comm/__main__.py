@@ -37,9 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _term_as_interrupt():
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:  # the command's own finally blocks have cleaned up
+    except _Terminated:  # the command's own finally blocks have cleaned up
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taking the Ctrl-C path (every clean-up catches KeyboardInterrupt)."""
 
 
 @contextlib.contextmanager
@@ -54,7 +61,9 @@ def _term_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        # once: a second TERM must not break into the clean-up the first one started
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
     try:

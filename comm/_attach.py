@@ -67,6 +67,7 @@ class ProcBackend:
         self._shm: shared_memory.SharedMemory | None = None
         self._closed = False
         self._owner: int | None = None  # the thread that uses this handle (see _enter)
+        self._dropped = False  # the communicator closed our completion FIFO
         self._cancel = threading.Event()
         self._ring_fd: int | None = None  # read end of the completion FIFO
         self._poller = zmq.Poller()
@@ -83,18 +84,24 @@ class ProcBackend:
 
     def _attach(self, slots: int, timeout: float) -> None:
         # the FIFO's name lives only until the communicator has opened it
-        where = tempfile.mkdtemp(prefix="pagecomm-ring-")
+        where, path = None, ""
         try:
+            where = tempfile.mkdtemp(prefix="pagecomm-ring-")
             path = os.path.join(where, "ring")
             os.mkfifo(path, 0o600)
             self._ring_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:  # no FIFOs here (or no temp dir): completions come as messages
+            path = ""
+        try:
             self._sock.send(_ipc.encode_attach(os.getpid(), slots, path))
             if not self._sock.poll(int(timeout * 1000)):
                 raise CommClosed(f"no communicator answered at {self._endpoint}")
             pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
         finally:
-            shutil.rmtree(where, ignore_errors=True)
-        self._poller.register(self._ring_fd, zmq.POLLIN)
+            if where is not None:
+                shutil.rmtree(where, ignore_errors=True)
+        if self._ring_fd is not None:
+            self._poller.register(self._ring_fd, zmq.POLLIN)
         self._comm_pid, self.id, self.slots = pid, bid, n
         self.name = f"proc-backend-{bid}"
         self._shm = shared_memory.SharedMemory(name=name)
@@ -325,8 +332,11 @@ class ProcBackend:
                 return d
             try:
                 self._note(self._recv(deadline))
-            except (RequestTimeout, Cancelled):
-                self._sock.send(_ipc.encode_cancel(slot, use))
+            except BaseException:  # a timeout, a cancel, an interrupt: the slot is out
+                try:  # never block on a communicator that is gone
+                    self._sock.send(_ipc.encode_cancel(slot, use), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
                 self._orphans.add(slot)  # reusable once its completion arrives
                 raise
 
@@ -341,8 +351,9 @@ class ProcBackend:
             data = os.read(self._ring_fd, 256 * _ipc.RING_BYTES)
         except BlockingIOError:
             return
-        if not data:  # the communicator closed its end (it dropped us, or died)
+        if not data:  # the communicator closed its end: it dropped us, or is gone
             self._poller.unregister(self._ring_fd)
+            self._dropped = True
             return
         buf = self._buf()
         for slot, use in _ipc.decode_rings(data):
@@ -364,6 +375,9 @@ class ProcBackend:
         while True:
             if self._cancel.is_set():
                 raise Cancelled(f"{self.name}: request cancelled")
+            if self._dropped:
+                raise CommClosed(f"{self.name}: the communicator closed this backend "
+                                 f"(it is shutting down, or took it for dead)")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeout(f"{self.name}: no completion within the deadline")

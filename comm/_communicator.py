@@ -169,15 +169,17 @@ class Communicator:
                     continue
                 pool = []
                 for k in range(self.config.threads_per_shard):
-                    pool.append(self._start_worker(shard, k, endpoint, generation))
-                    started.append(pool[-1])
+                    pool.append(self._start_worker(shard, k, endpoint, generation, started))
                 pools.append(pool)
         except BaseException:  # the ones already running are stopped by close()
             self._retired += started
             raise
         return pools
 
-    def _start_worker(self, shard: int, k: int, endpoint: str, generation: int) -> ShardWorker:
+    def _start_worker(self, shard: int, k: int, endpoint: str, generation: int,
+                      started: list[ShardWorker]) -> ShardWorker:
+        """Start one worker; it is in ``started`` before its thread runs, so that one
+        that fails to start in time is still stopped by close()."""
         w = ShardWorker(self._ctx, shard, k, endpoint,
                         f"inproc://pagecomm-{self._uid}-g{generation}-s{shard}-w{k}",
                         window=self.config.inflight_per_conn,
@@ -185,6 +187,7 @@ class Communicator:
                         verify=self.config.verify_checksums,
                         attempt_timeout=self.config.attempt_timeout,
                         stuck_after=self.config.stuck_log_after, curve=self._curve)
+        started.append(w)
         w.start()
         return w
 
@@ -372,15 +375,16 @@ class Communicator:
         return list(seen.values())
 
     def _stop_workers(self) -> None:
-        """One control socket at a time (create, STOP, join, close): this also works
-        when the socket limit is what made a worker fail to start."""
+        """STOP into each worker's pipe and wait for it, one control socket at a time.
+        A worker that cannot be sent a STOP (no socket left: the limit that made
+        another worker fail to start) ends when term() fails its poll with ETERM."""
         for w in self._all_workers():
             if not w.thread.is_alive():
                 continue
             try:
                 ctl = self._ctx.socket(zmq.PUSH)
             except zmq.ZMQError as e:
-                log.error("cannot stop %s: %s", w.name, e)
+                log.error("cannot stop %s in order: %s", w.name, e)
                 continue
             try:
                 ctl.setsockopt(zmq.LINGER, 0)

@@ -119,6 +119,8 @@ def decode_attach(msg: bytes) -> tuple[int, int, str]:
         path = msg[_ATTACH.size:].decode()
     except UnicodeDecodeError:
         raise IpcError("attach names a ring path that is not UTF-8") from None
+    if path and (not path.startswith("/") or "\0" in path):
+        raise IpcError(f"attach names a ring path {path!r} that is not an absolute path")
     return pid, slots, path
 
 

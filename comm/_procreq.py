@@ -9,8 +9,10 @@ joined from a prefetch in flight (the buffer calls ``deliver_part``), and wire
 requests (``WireJob``, one per shard, handed to the shard workers like any job).
 Every part writes its pages straight into the slot buffer the backend named, so
 a page is copied once from the reply into shared memory and once out of it by the
-backend. When the last part is done the request is posted to the front thread,
-which sends the completion message (the slot's event) to the backend.
+backend. When the last part is done, the thread that completed it rings the
+backend (the slot's event: see _server._Attached.ring) and posts the request to
+the front thread, which forgets it (or, for a backend without a completion FIFO,
+sends the completion message).
 """
 
 from __future__ import annotations

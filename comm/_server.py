@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -50,7 +51,8 @@ _LIVENESS_INTERVAL = 0.2
 
 
 class _Attached:
-    """One attached backend process (front thread only, except ``pending`` counts)."""
+    """One attached backend process. The front thread owns it, except ``ring()``,
+    which any completing thread calls."""
 
     def __init__(self, bid: int, ident: bytes, pid: int, slots: int, ring_path: str) -> None:
         self.id, self.ident, self.pid, self.slots = bid, ident, pid, slots
@@ -58,35 +60,61 @@ class _Attached:
         self.shm = shared_memory.SharedMemory(create=True, size=_ipc.segment_bytes(slots))
         self.pending: dict[int, ProcRequest] = {}
         self.gone = False
-        # the completion FIFO's write end; closed only by _drop, which runs once no
-        # request is pending, so a completing thread never writes to a closed fd
-        self.ring_fd: int | None = None
-        if ring_path:
-            try:
-                self.ring_fd = os.open(ring_path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as e:
-                log.warning("%s: cannot open its completion FIFO (%s); completions go "
-                            "over the socket", self.name, e)
+        # _lock guards: ring_fd and the mapping of shm, between ring() (any thread)
+        # and close() (front thread): a ring never goes to a closed, reused fd
+        self._lock = threading.Lock()
+        self.ring_fd: int | None = _open_ring(ring_path, self.name) if ring_path else None
 
     def ring(self, p: ProcRequest) -> bool:
         """Any thread: complete ``p`` through shared memory and the FIFO. False if
         that is not possible (no FIFO, the backend left): the front sends it."""
-        fd, buf = self.ring_fd, self.shm.buf
-        if fd is None or self.gone or buf is None:
-            return False
-        _ipc.write_completion(buf, self.slots, _done_of(p))
-        p.rung = True  # before the ring: the backend may reuse the slot at once
-        try:
-            os.write(fd, _ipc.encode_ring(p.slot, p.use))
-        except OSError:  # the backend closed its end (it left or died)
-            p.rung = False
-            return False
-        return True
+        with self._lock:  # held over one non-blocking write: never long
+            fd, buf = self.ring_fd, self.shm.buf
+            if fd is None or self.gone or buf is None:
+                return False
+            _ipc.write_completion(buf, self.slots, _done_of(p))
+            p.rung = True  # before the ring: the backend may reuse the slot at once
+            try:
+                os.write(fd, _ipc.encode_ring(p.slot, p.use))
+            except OSError:  # the backend closed its end (it left or died), or it is full
+                p.rung = False
+                return False
+            return True
+
+    def close(self) -> None:
+        """Front thread: unmap the segment and close the FIFO (no ring in progress)."""
+        with self._lock:
+            if self.ring_fd is not None:
+                os.close(self.ring_fd)
+                self.ring_fd = None
+            try:
+                self.shm.close()
+            except BufferError:
+                log.warning("%s: segment still in use at close", self.name)
 
     def view(self, slot: int) -> memoryview:
         buf = self.shm.buf
         assert buf is not None  # mapped until _drop()
         return buf[slot * _ipc.SLOT_BYTES:(slot + 1) * _ipc.SLOT_BYTES]
+
+
+def _open_ring(path: str, name: str) -> int | None:
+    """The write end of a backend's completion FIFO, or None (then completions go over
+    the socket). Only a FIFO is opened: a backend names the path, and whoever may
+    connect must not make the communicator write into a file or open a device."""
+    try:
+        if not stat.S_ISFIFO(os.lstat(path).st_mode):
+            raise OSError(f"{path!r} is not a FIFO")
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot use its completion FIFO (%s); completions go over the "
+                    "socket", name, e)
+        return None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # swapped between the two looks
+        os.close(fd)
+        log.warning("%s: %r is not a FIFO; completions go over the socket", name, path)
+        return None
+    return fd
 
 
 class CommServer:
@@ -183,6 +211,10 @@ class CommServer:
                 self._on_message(router, ident, msg)
             except _ipc.IpcError as e:
                 log.warning("bad message from a backend process: %s", e)
+            except zmq.ZMQError:
+                raise
+            except Exception:  # a bug must cost one message, not every backend's front
+                log.exception("serving a message from a backend process failed")
 
     def _on_message(self, router: zmq.Socket, ident: bytes, msg: bytes) -> None:
         tag = msg[:1]
@@ -379,13 +411,7 @@ class CommServer:
         for p in att.pending.values():
             p.buf.release()
         att.pending.clear()
-        if att.ring_fd is not None:
-            os.close(att.ring_fd)
-            att.ring_fd = None
-        try:
-            att.shm.close()
-        except BufferError:
-            log.warning("%s: segment still in use at close", att.name)
+        att.close()  # if a request still holds a view, _flush drops it again once released
 
     def attached(self) -> int:
         return len(self._by_ident)
@@ -425,20 +451,18 @@ def serve_main(args: argparse.Namespace) -> int:
     except CommError as e:  # a COMM_* variable: the message names it
         print(f"error: {e}", file=sys.stderr)
         return 2
-    server = None
+    server = CommServer(comm, args.listen)
     try:
-        server = CommServer(comm, args.listen).start()
+        server.start()
         print(f"READY {server.endpoint}", flush=True)
         while not stop.wait(0.5):
             pass
     except CommError as e:  # e.g. --listen names an endpoint that cannot be bound
-        print(f"error: --listen {args.listen}: {e}", file=sys.stderr)
+        print(f"error: --listen: {e}", file=sys.stderr)
         return 2
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
         comm.close()
-        if server is not None:
-            server.release()
+        server.release()
     print("stopped", file=sys.stderr)
     return 0

@@ -126,7 +126,8 @@ class ShardWorker:
         self.thread.start()
         if not self.ready.wait(10) or self.startup_error is not None:
             e = self.startup_error
-            hint = (" (raise COMM_MAX_SOCKETS, or the open-file limit)"
+            hint = (" (too many sockets: fewer backends, shards or threads per shard, or "
+                    "a higher open-file limit)"
                     if isinstance(e, zmq.ZMQError) and e.errno == errno.EMFILE else "")
             raise CommClosed(f"{self.name} failed to start: {e}{hint}")
 

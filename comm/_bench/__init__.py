@@ -162,9 +162,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-batch", type=int_arg(1, MAX_BLOCKS_PER_REQUEST), default=32,
                    help=f"pages per foreground scan call, 1..{MAX_BLOCKS_PER_REQUEST} (one "
                    "wire request)")
-    # the old design's readahead ring needs a slot: 0 would leave its scans nothing to read
-    p.add_argument("--distance", type=int_arg(1), default=128,
-                   help="prefetch distance (pagecomm) = readahead ring size (old design), >= 1")
+    p.add_argument("--distance", type=int_arg(0), default=128,
+                   help="prefetch distance (pagecomm; 0: only the batch being read) = "
+                   "readahead ring size (old design, >= 1)")
     p.add_argument("--prefetch-pages", type=_config_int("--prefetch-pages"), default=0,
                    help="pagecomm prefetch buffer (default: backends x (distance + batch), "
                    "at least 4096)")
@@ -224,6 +224,10 @@ def _defaults(args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace, p: Params, parser: argparse.ArgumentParser) -> None:
     """The checks that involve several flags, and --out; parser.error (exit 2) on the
     first problem, before any store is generated."""
+    if args.distance == 0 and "old" in args.designs:
+        # its readahead ring needs a slot: with none, its scans would have nothing to read
+        parser.error("--distance 0 leaves the old design's readahead ring no slot: use "
+                     ">= 1, or leave 'old' out of --designs")
     if args.pages_per_rel < args.scan_batch:
         parser.error(f"--pages-per-rel ({args.pages_per_rel}) must be >= --scan-batch "
                      f"({args.scan_batch})")

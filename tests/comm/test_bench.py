@@ -123,6 +123,18 @@ def test_bench_paced_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert all(c["wrong"] == 0 and c["errors"] == 0 for c in doc["cells"])
 
 
+@pytest.mark.servers
+@pytest.mark.timeout(60)
+def test_bench_distance_zero_scans_with_pagecomm_alone(tmp_path: Path) -> None:
+    """Distance 0 (prefetch only the batch being read) is a pagecomm setting; only the
+    old design, whose readahead ring needs a slot, refuses it."""
+    out = tmp_path / "out"
+    assert main(["--quick", "--no-progress", "--no-plots", "--designs", "pagecomm",
+                 "--workloads", "scan", "--distance", "0", "--out", str(out)]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert cells and all(c["pages_per_s"] > 0 and c["wrong"] == 0 for c in cells)
+
+
 @pytest.mark.parametrize("flag", ["--scan-rate", "--random-rate"])
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e-10"])
 def test_bench_refuses_bad_rates(flag: str, value: str,

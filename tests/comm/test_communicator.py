@@ -251,7 +251,7 @@ def test_a_worker_that_cannot_start_fails_the_constructor_without_a_hang_or_a_le
     cfg = comm.CommConfig(shards=tuple(s.endpoint for s in servers), threads_per_shard=8,
                           max_sockets=12)
     before = set(threading.enumerate())
-    with pytest.raises(comm.CommClosed, match="COMM_MAX_SOCKETS"):
+    with pytest.raises(comm.CommClosed, match="too many sockets"):
         comm.Communicator(config=cfg)
     assert {th for th in threading.enumerate() if th.name.startswith("comm-")} <= before
 

@@ -143,10 +143,12 @@ def test_communicator_death_is_commclosed_and_reattach_works(cluster: LocalClust
     assert wait_for(lambda: shm_segments() <= before), shm_segments() - before
 
 
+@pytest.mark.parametrize("what", ["missing", "regular file", "symlink to a FIFO"])
 def test_completions_come_over_the_socket_when_the_fifo_cannot_be_opened(
-        commproc: CommProcess, tmp_path: Path) -> None:
-    """A backend that names no usable FIFO (here: a path that does not exist) is still
-    served: its completions come as messages on its socket, pages in shared memory."""
+        commproc: CommProcess, tmp_path: Path, what: str) -> None:
+    """A backend that names no usable FIFO is still served: its completions come as
+    messages on its socket, pages in shared memory. Only a FIFO is ever written to:
+    a backend cannot make the communicator write into a file it names."""
     from multiprocessing import resource_tracker, shared_memory
 
     import zmq
@@ -159,7 +161,14 @@ def test_completions_come_over_the_socket_when_the_fifo_cannot_be_opened(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(commproc.endpoint)
     try:
-        sock.send(_ipc.encode_attach(os.getpid(), 4, str(tmp_path / "no-such-fifo")))
+        path = tmp_path / "ring"
+        if what == "regular file":
+            path.write_bytes(b"IMPORTANT DATA\n")
+        elif what == "symlink to a FIFO":
+            os.mkfifo(tmp_path / "fifo")
+            reader = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+            path.symlink_to(tmp_path / "fifo")
+        sock.send(_ipc.encode_attach(os.getpid(), 4, str(path)))
         assert sock.poll(10_000)
         _, _, slots, name = _ipc.decode_attached(sock.recv())
         shm = shared_memory.SharedMemory(name=name)
@@ -180,8 +189,42 @@ def test_completions_come_over_the_socket_when_the_fifo_cannot_be_opened(
     finally:
         sock.close(0)
         ctx.term()
+    if what == "regular file":
+        assert path.read_bytes() == b"IMPORTANT DATA\n"
+    elif what == "symlink to a FIFO":
+        try:
+            assert os.read(reader, 64) == b""  # nothing was rung through the link
+        except BlockingIOError:
+            pass
+        os.close(reader)
     with comm.attach(commproc.endpoint) as be:
         assert wait_for(lambda: be.comm_stats()["processes"]["completions"]["sent"] >= 1)
+
+
+@pytest.mark.parametrize("path", ["relative/ring", "/tmp/with\0nul"])
+def test_an_attach_naming_a_bad_ring_path_is_refused_and_the_front_lives_on(
+        commproc: CommProcess, path: str) -> None:
+    import zmq
+
+    from comm import _ipc
+
+    with pytest.raises(_ipc.IpcError, match="not an absolute path"):
+        _ipc.decode_attach(_ipc.encode_attach(1, 4, path))
+    before = shm_segments()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(commproc.endpoint)
+    try:
+        sock.send(_ipc.encode_attach(os.getpid(), 4, path))
+        assert not sock.poll(500)  # refused: no segment for it
+    finally:
+        sock.close(0)
+        ctx.term()
+    rel = comm.RelTag(1663, 16384, 16384)
+    with comm.attach(commproc.endpoint) as be:  # the front still serves
+        assert be.get_page(rel, 4, LSN) == synth_pages(rel, [4], LSN)[0]
+    assert wait_for(lambda: shm_segments() <= before)
 
 
 def test_attach_leaves_no_fifo_behind(commproc: CommProcess) -> None:
@@ -224,7 +267,7 @@ def test_shard_map_update_through_the_control_message(cluster: LocalCluster,
 
 
 @pytest.mark.parametrize("listen, env, words", [
-    ("foo://bar", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "--listen foo://bar"),
+    ("foo://bar", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "--listen: cannot listen on foo://bar"),
     ("ipc:///nonexistent/dir/c.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "No such file"),
     ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": ""}, "COMM_SHARDS"),
     ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1", "COMM_STRIPE_SIZE": "x"},
@@ -258,3 +301,50 @@ def test_a_process_backend_belongs_to_one_thread(commproc: CommProcess) -> None:
         assert len(errors) == 1 and isinstance(errors[0], comm.InvalidRequest)
         assert "belongs to another thread" in str(errors[0])
         assert be.get_page(rel, 3, LSN) == synth_pages(rel, [3], LSN)[0]
+
+
+def test_a_backend_dropped_by_a_live_communicator_gets_commclosed_at_once(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """The front stops (the communicator process itself lives on): the backend's
+    completion FIFO is closed, and its next wait ends with CommClosed, not a timeout."""
+    from comm._server import CommServer
+
+    rel = comm.RelTag(1663, 16384, 16384)
+    c = comm.Communicator(list(cluster.endpoints), stripe_size=STRIPE)
+    server = CommServer(c, f"ipc://{tmp_path}/front.ipc").start()
+    try:
+        be = comm.attach(server.endpoint)
+        try:
+            assert be.get_page(rel, 5, LSN) == synth_pages(rel, [5], LSN)[0]
+            server.stop()
+            t = time.monotonic()
+            with pytest.raises(comm.CommClosed, match="closed this backend"):
+                be.get_page(rel, 6, LSN, timeout=30)
+            assert time.monotonic() - t < 5
+        finally:
+            be.close()
+    finally:
+        server.stop()
+        c.close()
+        server.release()
+
+
+def test_an_interrupted_wait_keeps_the_slot_out_until_its_completion(
+        commproc: CommProcess) -> None:
+    """Any exception in a wait (here Ctrl-C) orphans the slot like a timeout: it is not
+    reused while the communicator may still write into it."""
+    rel = comm.RelTag(1663, 16384, 16384)
+    with comm.attach(commproc.endpoint, slots=1) as be:
+        real = be._recv
+
+        def interrupted(deadline: float) -> bytes | None:
+            be._recv = real  # type: ignore[method-assign]
+            raise KeyboardInterrupt
+
+        be._recv = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            be.get_page(rel, 7, LSN)
+        assert be.stats()["slots_in_use"] == 1  # orphaned, not back in the ring
+        # the next call waits for the orphan's completion, then reuses its slot
+        assert be.get_page(rel, 8, LSN) == synth_pages(rel, [8], LSN)[0]
+        assert be.stats()["slots_in_use"] == 0
