@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _bench.add_cli(sub)
     args, rest = parser.parse_known_args(argv)
+    if any(a in ("-v", "--verbose") for a in rest):  # also after the command's name
+        args.verbose = True
+        rest = [a for a in rest if a not in ("-v", "--verbose")]
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -56,6 +56,11 @@ class ProcBackend:
                  request_timeout: float = 30.0) -> None:
         if not isinstance(endpoint, str) or "://" not in endpoint:
             raise InvalidRequest(f"endpoint must look like ipc://PATH, got {endpoint!r}")
+        path = endpoint.partition("ipc://")[2]
+        if endpoint.startswith("ipc://") and not path.startswith("@") and \
+                not os.path.exists(path):  # nobody listens there: say so now, not in 10 s
+            raise CommClosed(f"no communicator listens at {endpoint}: {path} does not exist "
+                             f"(start one with python -m comm serve --listen {endpoint})")
         if not isinstance(slots, int) or not 1 <= slots <= _ipc.MAX_SLOTS:
             raise InvalidRequest(f"slots must be in 1..{_ipc.MAX_SLOTS}, got {slots!r}")
         self._timeout = check_timeout(request_timeout, 30.0)

@@ -35,7 +35,7 @@ from shards._synth import MAX_RELS, MAX_SHARD_COUNT, generate_store, synth_pages
 
 from ._communicator import Communicator
 from ._config import CommConfig
-from ._errors import CommError
+from ._errors import CommClosed, CommError
 
 Expected = Callable[[RelTag, int, int], bytes]  # (rel, start, end) -> the blocks' bytes
 SEGMENT_BLOCKS = 131072
@@ -205,6 +205,8 @@ def _scan(c: Communicator, part: list[tuple[RelTag, int, int]], lsn: int, distan
         with c.backend() as be:
             for rel, start, end in part:
                 _scan_range(be, rel, start, end, lsn, distance, expected, r, bar)
+    except CommClosed:  # interrupted: run() closed the communicator; it says so once
+        r["errors"] += 1
     except CommError as e:
         r["errors"] += 1
         print(f"backend error: {e}", file=sys.stderr)

@@ -188,3 +188,18 @@ def test_demo_accepts_prefetch_zero() -> None:
 
     add_cli(p.add_subparsers())
     assert p.parse_args(["demo", "--prefetch", "0"]).prefetch == 0
+
+
+
+def test_verbose_may_come_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import comm.__main__ as cli
+    from comm import _demo
+
+    levels: list[int] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    monkeypatch.setattr(_demo, "run", lambda args: 0)
+    assert cli.main(["demo", "-v"]) == 0
+    assert cli.main(["demo"]) == 0
+    assert levels == [logging.DEBUG, logging.WARNING]

@@ -245,6 +245,10 @@ def test_attach_leaves_no_fifo_behind(commproc: CommProcess) -> None:
 def test_attach_errors_are_typed(tmp_path: Path) -> None:
     with pytest.raises(comm.CommClosed):
         comm.attach(f"ipc://{tmp_path}/nobody.ipc", timeout=0.3)
+    t = time.monotonic()
+    with pytest.raises(comm.CommClosed, match="does not exist"):  # at once, not after 10 s
+        comm.attach(f"ipc://{tmp_path}/nobody.ipc")
+    assert time.monotonic() - t < 1.0
     with pytest.raises(comm.InvalidRequest):
         comm.attach("not an endpoint")
 
