@@ -40,7 +40,14 @@ from ._errors import (
     RelationNotFound,
     RequestTimeout,
 )
-from ._validate import check_blocks, check_lsns, check_rel, check_timeout, check_u32
+from ._validate import (
+    check_blocks,
+    check_lsns,
+    check_owner,
+    check_rel,
+    check_timeout,
+    check_u32,
+)
 
 _SLICE = 0.05
 
@@ -280,14 +287,9 @@ class ProcBackend:
     def _enter(self) -> None:
         if self._closed:
             raise CommClosed(f"{self.name} is closed")
-        # one thread per handle, as with Communicator.backend(): its socket, slots and
-        # completions are not shared (two threads lost each other's completions)
-        ident = threading.get_ident()
-        if self._owner != ident:
-            if self._owner is not None:
-                raise InvalidRequest(f"{self.name} belongs to another thread; attach once "
-                                     f"per thread with comm.attach()")
-            self._owner = ident
+        # two threads on one handle lost each other's completions
+        self._owner = check_owner(self._owner, self.name,
+                                  "attach once per thread with comm.attach()")
         self._cancel.clear()
 
     def _meta(self, kind: int, rel: RelTag | None, lsn: Any, nms: Any, timeout: Any,

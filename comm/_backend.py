@@ -38,7 +38,15 @@ from ._errors import (
 )
 from ._metrics import LatencyRecorder
 from ._slot import Slot, SlotState
-from ._validate import check_block, check_blocks, check_lsns, check_rel, check_timeout, check_u32
+from ._validate import (
+    check_block,
+    check_blocks,
+    check_lsns,
+    check_owner,
+    check_rel,
+    check_timeout,
+    check_u32,
+)
 
 if TYPE_CHECKING:
     from ._communicator import Communicator
@@ -308,12 +316,8 @@ class Backend:
         if self._closed or self._comm._closed:
             raise CommClosed(f"{self.name} is closed" if self._closed
                              else "the communicator is closed")
-        ident = threading.get_ident()
-        if self._owner != ident:
-            if self._owner is not None:
-                raise InvalidRequest(f"{self.name} belongs to another thread; create one "
-                                     f"backend per thread with Communicator.backend()")
-            self._owner = ident
+        self._owner = check_owner(self._owner, self.name,
+                                  "create one backend per thread with Communicator.backend()")
 
     def _check_rel(self, rel: Any) -> RelTag:
         """Validate ``rel``, remembering valid ones (RelTags are immutable)."""

@@ -77,3 +77,12 @@ def check_u32(value: Any, name: str) -> int:
     if not 0 <= v <= 0xFFFFFFFF:
         raise InvalidRequest(f"{name}={v} is outside 0..{0xFFFFFFFF}")
     return v
+
+
+def check_owner(owner: int | None, name: str, how: str) -> int:
+    """The calling thread's id; a handle used by one thread (``owner``, once set) may
+    not be used by another: its sockets, slots and completions are not shared."""
+    ident = threading.get_ident()
+    if owner is not None and owner != ident:
+        raise InvalidRequest(f"{name} belongs to another thread; {how}")
+    return ident
