@@ -17,6 +17,31 @@ from ._errors import ShardsError
 from ._server import PageServer
 
 log = logging.getLogger(__name__)
+_MAX_LATENCY_MS = 3_600_000  # PageServer refuses an hour or more
+
+
+def _endpoint(text: str) -> str:
+    """``--bind``: an endpoint ZeroMQ can bind (port 0 or * takes a free port)."""
+    scheme, sep, rest = text.partition("://")
+    ok = bool(sep and rest) and scheme in ("tcp", "ipc", "inproc")
+    if ok and scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        ok = bool(colon and host) and (port == "*" or (port.isdigit() and int(port) <= 65535))
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint like "
+                                         f"tcp://127.0.0.1:6400, ipc://PATH or inproc://NAME")
+    return text
+
+
+def _latency_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0 <= v < _MAX_LATENCY_MS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be milliseconds in 0..{_MAX_LATENCY_MS} "
+                                         f"(exclusive), got {text!r}")
+    return v
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +50,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", type=int, required=True, help="which shard to serve")
     p.add_argument("--shard-count", type=int, help="must match layout.json (default: from it)")
     p.add_argument("--stripe-size", type=int, help="must match layout.json (default: from it)")
-    p.add_argument("--bind", default="tcp://127.0.0.1:0", help="ZeroMQ endpoint to bind")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="injected reply latency")
+    p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:0",
+                   help="ZeroMQ endpoint to bind (port 0: any free port)")
+    p.add_argument("--latency-ms", type=_latency_ms, default=0.0,
+                   help="injected reply latency, milliseconds")
     p.add_argument("--lsn-wait", type=float, default=1.0,
                    help="seconds to wait for the store to reach not_modified_since")
     p.add_argument("--max-queue", type=int, default=4096, help="SLOW_DOWN beyond this")

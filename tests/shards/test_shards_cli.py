@@ -239,3 +239,20 @@ def test_keygen_writes_the_secret_key_private_from_the_start(
     public, secret = keygen(tmp_path, "k")
     assert seen and seen[0] & 0o077 == 0o077  # no moment in which others could read it
     assert secret.stat().st_mode & 0o777 == 0o600 and public.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--bind", "foo://x"], "is not an endpoint like"),
+    (["--bind", "tcp://127.0.0.1"], "is not an endpoint like"),
+    (["--bind", "tcp://127.0.0.1:70000"], "is not an endpoint like"),
+    (["--latency-ms", "-1"], "must be milliseconds in 0..3600000"),
+    (["--latency-ms", "nan"], "must be milliseconds"),
+    (["--latency-ms", "x"], "expected milliseconds"),
+])
+def test_serve_names_a_bad_bind_or_latency_in_its_own_units(
+        store4: Path, argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["serve", "--store", str(store4), "--shard", "0", *argv])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}: " in err and words in err and "Traceback" not in err
