@@ -287,6 +287,12 @@ class Communicator:
         submit(job, job.worker)
 
     # ------------------------------------------------------------ introspection
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the Prometheus endpoint (None if it is off): with
+        COMM_METRICS_PORT=0, the free port it took."""
+        return self._metrics.port if self._metrics is not None else None
+
     def stats(self) -> dict[str, Any]:
         """Per-shard queue depth, in flight and counters; prefetch counters; slots."""
         shards = []

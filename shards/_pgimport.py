@@ -380,7 +380,7 @@ def import_pgdata(pgdata: str | os.PathLike[str], store_dir: str | os.PathLike[s
         for st in stores:
             st.close()
     result.seconds = time.monotonic() - t0
-    log.info("imported %s at %s: %d pages seen, %d written, %d relations, %d dropped, "
+    log.debug("imported %s at %s: %d pages seen, %d written, %d relations, %d dropped, "
              "%.1fs (%.0f pages/s)", src, format_lsn(lsn), result.pages_seen,
              result.pages_written, result.relations, result.dropped, result.seconds,
              result.pages_per_second)

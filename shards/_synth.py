@@ -208,7 +208,7 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
         for st in stores:
             st.close()
     secs = time.monotonic() - t0
-    log.info("generated %d pages into %d shard(s) at %s in %.1fs", written, shard_count,
+    log.debug("generated %d pages into %d shard(s) at %s in %.1fs", written, shard_count,
              store_dir, secs)
     return {"rels": tags, "lsns": lsn_list, "nblocks": nblocks, "shard_count": shard_count,
             "stripe_size": stripe_size, "db": SYNTH_DB, "pages": written, "seconds": secs}

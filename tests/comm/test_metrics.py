@@ -102,6 +102,7 @@ def test_scrape_moves_when_pages_are_read(page_server):
         ms = own if own is not None else start_metrics_server(c, 0)
         try:
             assert ms.port > 0
+            assert c.metrics_port == (ms.port if own is not None else None)
             hist = {"kind": "get_pages", "class": "normal"}
             with c.backend() as be:
                 be.get_page(rel, 0, lsn=lsn)  # opens the connection: every series exists
