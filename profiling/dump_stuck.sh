@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$(dirname "$here")"
-python "$here/stuck_app.py" &
+"${PYTHON:-python3}" "$here/stuck_app.py" &
 app=$!
 trap 'kill "$app" 2>/dev/null || true; wait "$app" 2>/dev/null || true' EXIT
 # wait until the app says its request is stuck

@@ -21,7 +21,7 @@ root=$(dirname "$here")
 out=$here/out
 mkdir -p "$out"
 name=$workload-$design-${backends}b-${latency}ms
-bench=(python -m comm bench --workloads "$workload" --designs "$design" --backends "$backends"
+bench=("${PYTHON:-python3}" -m comm bench --workloads "$workload" --designs "$design" --backends "$backends"
        --latency-ms "$latency" --duration "$seconds" --no-plots --no-progress
        --out "$out/$name-bench")
 cd "$root"

@@ -10,6 +10,7 @@ communicator itself says about the stuck request, and cleans everything up.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comm import Communicator, RequestTimeout  # noqa: E402
+from comm import CommClosed, Communicator, RequestTimeout  # noqa: E402
 from shards import LocalCluster, shard_for  # noqa: E402
 from shards._synth import generate_store  # noqa: E402
 
@@ -38,18 +39,22 @@ def main() -> None:
                 with c.backend() as be:
                     try:
                         be.get_page(rel, stuck_blk + 1, lsn, timeout=60)
-                    except RequestTimeout as e:
+                    except (RequestTimeout, CommClosed) as e:  # closed: interrupted
                         print(f"reader: {e}")
 
             th = threading.Thread(target=reader, name="backend-stuck-reader", daemon=True)
             th.start()
             time.sleep(0.5)
             flag = Path(f"/tmp/pagecomm-stuck-{os.getpid()}")
-            flag.touch()
             done = Path(f"{flag}.done")
-            deadline = time.monotonic() + 60
-            while not done.exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            flag.touch()
+            try:
+                deadline = time.monotonic() + 60
+                while not done.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                flag.unlink(missing_ok=True)
+                done.unlink(missing_ok=True)
             print("=== Communicator.dump_inflight(older_than=0.1) ===")
             for req in c.dump_inflight(older_than=0.1):
                 print(req)
@@ -60,5 +65,13 @@ def main() -> None:
             th.join(10)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the with blocks then stop (and thaw) the page servers
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
