@@ -3,6 +3,7 @@ answers the request it claims to answer. Pure functions, no I/O."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from shards.protocol import (
@@ -25,6 +26,8 @@ from ._errors import (
     ShardUnavailable,
     WrongShard,
 )
+
+_THIS_IS = re.compile(r"this is shard (\d+)")  # the page server's own words
 
 
 def mismatch(job: Any, rep: Reply) -> str | None:
@@ -63,13 +66,24 @@ def error_for(job: Any, rep: Reply) -> CommError:
     if st == Status.INVALID_REQUEST:
         if "belongs to shard" in rep.reason:
             return WrongShard(f"{job.rel} blocks {list(job.blocks)} are not on shard "
-                              f"{job.shard} ({where})")
+                              f"{job.shard} ({where}){_layout_hint(job.shard, rep.reason)}")
         return InvalidRequest(f"page server rejected the request ({where})")
     if st == Status.INTERNAL_ERROR:
         return ServerError(f"page server failed ({where})")
     if st == Status.SLOW_DOWN:
         return ShardUnavailable(f"page server overloaded until the deadline ({where})")
     return ServerError(f"unexpected status {st} ({where})")
+
+
+def _layout_hint(shard: int, reason: str) -> str:
+    """Why a page server disowns a block that the shard map sends it, when that is
+    not a split in progress: the map does not describe the store's layout."""
+    m = _THIS_IS.search(reason)
+    if m is not None and int(m.group(1)) != shard:
+        return (f"; the page server this communicator maps as shard {shard} says it is "
+                f"shard {m.group(1)}: list the endpoints (COMM_SHARDS) in shard order")
+    return ("; if no split is under way, the stripe size (COMM_STRIPE_SIZE) or the number "
+            "of shards does not match the store's layout.json")
 
 
 def result_of(rep: Reply) -> Any:

@@ -178,3 +178,24 @@ def test_get_pages_reads_itself_what_a_failed_prefetch_was_bringing():
             got = be.get_pages(REL, [9, 10, 11, 12, 13], lsn=100, timeout=5)
             assert got == [fake_page(REL, b, 100) for b in (9, 10, 11, 12, 13)]
             assert be.stats()["joins"] == 4 and c.stats()["prefetch"]["failed"] == 4
+
+
+def test_a_wrong_shard_error_says_what_to_fix():
+    """A page server that disowns a block names itself; the error then says whether the
+    endpoints are out of order or the layout (stripe, shard count) does not match."""
+    import types
+
+    from comm import WrongShard
+    from comm._outcome import error_for
+    from shards.protocol import Status
+
+    job = types.SimpleNamespace(kind=1, shard=0, rel=REL, blocks=(0,), lsn=10)
+
+    def rep(reason: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(status=Status.INVALID_REQUEST, reason=reason)
+
+    e = error_for(job, rep(f"block 0 of {REL} belongs to shard 0, this is shard 3"))
+    assert isinstance(e, WrongShard) and "says it is shard 3" in str(e)
+    assert "COMM_SHARDS" in str(e)
+    e = error_for(job, rep(f"block 0 of {REL} belongs to shard 1, this is shard 0"))
+    assert isinstance(e, WrongShard) and "COMM_STRIPE_SIZE" in str(e)
