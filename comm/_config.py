@@ -11,6 +11,17 @@ from dataclasses import dataclass, field
 from ._errors import ConfigError
 
 ENV_PREFIX = "COMM_"
+# the integer settings' bounds: attribute -> (variable, lo, hi); the bench checks
+# its flags for these same fields against this table (to name the flag)
+INT_RANGES: dict[str, tuple[str, int, int]] = {
+    "stripe_size": ("COMM_STRIPE_SIZE", 1, 1 << 31),
+    "threads_per_shard": ("COMM_THREADS_PER_SHARD", 1, 64),
+    "inflight_per_conn": ("COMM_INFLIGHT_PER_CONN", 1, 65536),
+    "inflight_pages_per_conn": ("COMM_INFLIGHT_PAGES_PER_CONN", 1, 1 << 24),
+    "slots_per_backend": ("COMM_SLOTS_PER_BACKEND", 1, 65535),
+    "prefetch_pages": ("COMM_PREFETCH_PAGES", 0, 1 << 24),
+    "relsize_cache": ("COMM_RELSIZE_CACHE", 0, 1 << 24),
+}
 
 
 @dataclass(frozen=True)
@@ -37,13 +48,8 @@ class CommConfig:
     max_sockets: int = field(default=65536, repr=False)
 
     def __post_init__(self) -> None:
-        _positive(self, "stripe_size", "COMM_STRIPE_SIZE", 1, 1 << 31)
-        _positive(self, "threads_per_shard", "COMM_THREADS_PER_SHARD", 1, 64)
-        _positive(self, "inflight_per_conn", "COMM_INFLIGHT_PER_CONN", 1, 65536)
-        _positive(self, "inflight_pages_per_conn", "COMM_INFLIGHT_PAGES_PER_CONN", 1, 1 << 24)
-        _positive(self, "slots_per_backend", "COMM_SLOTS_PER_BACKEND", 1, 65535)
-        _positive(self, "prefetch_pages", "COMM_PREFETCH_PAGES", 0, 1 << 24)
-        _positive(self, "relsize_cache", "COMM_RELSIZE_CACHE", 0, 1 << 24)
+        for attr, (env, lo, hi) in INT_RANGES.items():
+            _positive(self, attr, env, lo, hi)
         for attr in ("request_timeout", "attempt_timeout", "stuck_log_after"):
             t = getattr(self, attr)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6:

@@ -32,7 +32,7 @@ from typing import Any
 
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST
 
-from .._config import CommConfig
+from .._config import INT_RANGES, CommConfig
 from .._demo import MAX_RELS, MAX_SHARDS, int_arg
 from . import _report
 from ._pagecomm import prefetch_buffer_pages
@@ -44,12 +44,13 @@ __all__ = ["add_cli", "main", "run_cli"]
 DESIGNS = ("raw", "old", "pagecomm", "proc")
 DEFAULT_DESIGNS = ["raw", "old", "pagecomm"]  # proc spawns a process per backend: opt-in
 # CommConfig's ranges (comm/_config.py) for the flags that set its fields: checked at
-# parse time so the error names the flag, not COMM_*; the tests keep them in step
+# parse time so the error names the flag, not COMM_*
 CONFIG_RANGES: dict[str, tuple[str, int, int]] = {
-    "--threads-per-shard": ("threads_per_shard", 1, 64),
-    "--inflight": ("inflight_per_conn", 1, 65536),
-    "--inflight-pages": ("inflight_pages_per_conn", 1, 1 << 24),
-    "--prefetch-pages": ("prefetch_pages", 0, 1 << 24),
+    flag: (attr, *INT_RANGES[attr][1:])
+    for flag, attr in (("--threads-per-shard", "threads_per_shard"),
+                       ("--inflight", "inflight_per_conn"),
+                       ("--inflight-pages", "inflight_pages_per_conn"),
+                       ("--prefetch-pages", "prefetch_pages"))
 }
 MAX_SECONDS = 1e6  # as CommConfig's timeouts; time.sleep overflows far above it
 MAX_LATENCY_MS = 3_600_000  # a page server refuses latency >= 3600 s
