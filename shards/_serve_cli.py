@@ -14,10 +14,10 @@ import sys
 import threading
 
 from ._errors import ShardsError
-from ._server import PageServer
+from ._server import MAX_WAIT_SECONDS, PageServer
 
 log = logging.getLogger(__name__)
-_MAX_LATENCY_MS = 3_600_000  # PageServer refuses an hour or more
+_MAX_LATENCY_MS = MAX_WAIT_SECONDS * 1000
 
 
 def _endpoint(text: str) -> str:

@@ -70,6 +70,7 @@ from ._types import BLCKSZ
 from ._wait import precise_timers, readable
 
 log = logging.getLogger(__name__)
+MAX_WAIT_SECONDS = 3600  # injected latency and lsn_wait stay below an hour
 
 _IDLE_POLL_S = 0.05      # how often an idle loop looks at the stop flag
 _PARK_RECHECK_S = 0.005  # how often parked requests re-read the store's last_lsn
@@ -109,8 +110,8 @@ class PageServer:
         if not isinstance(bind, str) or "://" not in bind:
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:0, got {bind!r}")
         for name, v in (("latency", latency), ("lsn_wait", lsn_wait)):
-            if not isinstance(v, (int, float)) or not 0 <= v < 3600:
-                raise ValueError(f"{name} must be seconds in 0..3600, got {v!r}")
+            if not isinstance(v, (int, float)) or not 0 <= v < MAX_WAIT_SECONDS:
+                raise ValueError(f"{name} must be seconds in 0..{MAX_WAIT_SECONDS}, got {v!r}")
         for name, v in (("max_queue", max_queue), ("max_batch", max_batch)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST
+from shards._server import MAX_WAIT_SECONDS
 
 from .._config import INT_RANGES, CommConfig
 from .._demo import MAX_RELS, MAX_SHARDS, int_arg
@@ -53,7 +54,7 @@ CONFIG_RANGES: dict[str, tuple[str, int, int]] = {
                        ("--prefetch-pages", "prefetch_pages"))
 }
 MAX_SECONDS = 1e6  # as CommConfig's timeouts; time.sleep overflows far above it
-MAX_LATENCY_MS = 3_600_000  # a page server refuses latency >= 3600 s
+MAX_LATENCY_MS = MAX_WAIT_SECONDS * 1000  # what a page server accepts, in ms
 # --quick's values for flags not given; then the plain defaults (explicit flags win)
 QUICK: dict[str, Any] = {"backends": [2], "shards": 2, "duration": 0.3, "latency_ms": [0.0],
          "pages_per_rel": 1024, "rels": 4}
