@@ -26,10 +26,11 @@ import zmq
 from prefetch import PrefetchBuffer, RelSizeCache
 from shards import MAX_BLOCKS_PER_REQUEST, RelTag, ShardsError
 from shards._curve import load_public, load_secret
+from shards._endpoint import endpoint_problem
 from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
-from ._config import CommConfig, endpoint_problem
+from ._config import CommConfig
 from ._errors import CommClosed, ConfigError
 from ._map import ShardMap
 from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server

@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shards._endpoint import endpoint_problem
+
 from ._errors import ConfigError
 
 ENV_PREFIX = "COMM_"
@@ -101,24 +103,6 @@ class CommConfig:
             kw[f.name] = _parse(f.name, name, raw.strip())
         kw.update(overrides)
         return cls(**kw)  # type: ignore[arg-type]
-
-
-def endpoint_problem(ep: str) -> str | None:
-    """What is wrong with page-server endpoint ``ep`` (None if nothing): a worker
-    that cannot connect its socket would otherwise fail only once started."""
-    scheme, sep, rest = ep.partition("://")
-    if not sep or not rest:
-        return "is not an endpoint like tcp://host:port, ipc://path or inproc://name"
-    if scheme in ("ipc", "inproc"):
-        return None
-    if scheme != "tcp":
-        return f"has transport {scheme!r}; page servers listen on tcp, ipc or inproc"
-    host, colon, port = rest.rpartition(":")
-    if not colon or not host or host in ("[]", "*"):
-        return "needs a host and a port, like tcp://127.0.0.1:6400"
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        return f"has port {port!r}; a port is 1..65535"
-    return None
 
 
 def _positive(cfg: CommConfig, attr: str, env: str, lo: int, hi: int) -> None:

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+from ._endpoint import endpoint_problem
 from ._errors import ShardsError
 from ._server import MAX_WAIT_SECONDS, PageServer
 
@@ -22,14 +23,11 @@ _MAX_LATENCY_MS = MAX_WAIT_SECONDS * 1000
 
 def _endpoint(text: str) -> str:
     """``--bind``: an endpoint ZeroMQ can bind (port 0 or * takes a free port)."""
-    scheme, sep, rest = text.partition("://")
-    ok = bool(sep and rest) and scheme in ("tcp", "ipc", "inproc")
-    if ok and scheme == "tcp":
-        host, colon, port = rest.rpartition(":")
-        ok = bool(colon and host) and (port == "*" or (port.isdigit() and int(port) <= 65535))
-    if not ok:
+    why = endpoint_problem(text, bind=True)
+    if why is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint like "
-                                         f"tcp://127.0.0.1:6400, ipc://PATH or inproc://NAME")
+                                         f"tcp://127.0.0.1:6400, ipc://PATH or inproc://NAME "
+                                         f"({why})")
     return text
 
 
