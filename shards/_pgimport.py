@@ -361,10 +361,12 @@ def import_pgdata(pgdata: str | os.PathLike[str], store_dir: str | os.PathLike[s
         raise PgImportError(f"cannot open page store {store_dir}: {e}") from e
     bar = None
     try:
-        newest = max(int(st.meta().get("imported_lsn", 0)) for st in stores)
+        # a store's newest version is its last import's LSN or, for a store written by
+        # `shards generate` (or anything else), its last_lsn
+        newest = max(max(int(st.meta().get("imported_lsn", 0)), st.last_lsn) for st in stores)
         if lsn < newest:
             raise PgImportError(f"lsn {format_lsn(lsn)} is below {format_lsn(newest)}, the "
-                                f"last import into {store_dir}: versions only move forward")
+                                f"newest version in {store_dir}: versions only move forward")
         if progress:
             from tqdm import tqdm
             total = sum(sz for segs in scan.segments.values() for _, _, sz in segs) // BLCKSZ

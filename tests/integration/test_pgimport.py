@@ -173,6 +173,22 @@ def test_cli_and_refusals(pg_cluster: PgCluster, tmp_path: Path,
     assert main(["import-pgdata", str(tmp_path), "--store", str(tmp_path / "s4")]) == 1
 
 
+def test_import_below_a_generated_stores_lsn_is_refused(pg_cluster: PgCluster,
+                                                       tmp_path: Path) -> None:
+    """A store written by generate_store has no imported_lsn: its last_lsn is its newest
+    version, and an import below it is refused with the store left as it was."""
+    from shards import generate_store
+    store = tmp_path / "gen"
+    lsn = pg_cluster.checkpoint_lsn()
+    generate_store(store, SHARDS, STRIPE, rels=1, nblocks=8, lsns=[lsn + 0x1000])
+    with open_all(store) as stores:
+        before = [(st.last_lsn, st.meta()) for st in stores]
+    with pytest.raises(PgImportError, match="below .* the newest version"):
+        import_pgdata(pg_cluster.pgdata, store, shard_count=SHARDS, stripe_size=STRIPE, lsn=lsn)
+    with open_all(store) as stores:
+        assert [(st.last_lsn, st.meta()) for st in stores] == before
+
+
 def test_interrupted_import_is_rerun_safely(pg_cluster: PgCluster, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An import that dies after a few committed batches leaves readable stores, no
