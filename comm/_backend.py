@@ -39,6 +39,7 @@ from ._errors import (
 from ._metrics import LatencyRecorder
 from ._slot import Slot, SlotState
 from ._validate import (
+    FORKS,
     check_block,
     check_blocks,
     check_lsns,
@@ -46,6 +47,7 @@ from ._validate import (
     check_rel,
     check_timeout,
     check_u32,
+    forked_error,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +71,6 @@ class Backend:
         self._free = list(range(nslots - 1, -1, -1))  # owner thread only
         self._orphans: list[Slot] = []  # owner thread only
         self._owner: int | None = None
-        self._rels: set[RelTag] = set()  # RelTags already validated (owner thread only)
         self._counts = {"reads": 0, "hits": 0, "joins": 0}  # pages; owner thread only
         self._latency = LatencyRecorder()  # call latencies; owner thread only
         self._timeout = comm.config.request_timeout
@@ -93,8 +94,9 @@ class Backend:
                   timeout: float | None, t0: float) -> bytes:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        if type(rel) is not RelTag or rel not in self._rels:
-            self._check_rel(rel)
+        # validated on every call: a cache of valid tags would let RelTag(1663.0, ...),
+        # equal to and hashed as RelTag(1663, ...), through to the wire encoder
+        check_rel(rel)
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = t0 + check_timeout(timeout, self._timeout)
         counts = self._counts
@@ -138,7 +140,7 @@ class Backend:
             m = self._comm._map
             shard = m.shard_of(rel, blkno)
             slot.arm(Kind.GET_PAGES, _NORMAL, rel, (blkno,), lsn, nms, deadline, shard)
-            self._submit(slot, m.worker_for(shard, self.id))
+            self._submit_slot(slot, m.worker_for(shard, self.id))
             try:
                 return self._wait(slot, deadline)[0]
             except WrongShard:
@@ -160,7 +162,7 @@ class Backend:
                    t0: float) -> list[bytes]:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        rel = self._check_rel(rel)
+        rel = check_rel(rel)
         blks = check_blocks(blocks)
         deadline = t0 + check_timeout(timeout, self._timeout)
         out: list[Any] = [None] * len(blks)
@@ -236,7 +238,7 @@ class Backend:
         queued. Never raises for server errors (a failed prefetch is just not there)."""
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        rel = self._check_rel(rel)
+        rel = check_rel(rel)
         blks = check_blocks(blocks)
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         return self._comm._prefetch(self, rel, blks, lsn, nms, deadline)
@@ -313,26 +315,20 @@ class Backend:
 
     # ------------------------------------------------------------ internals
     def _enter(self) -> None:
-        if self._closed or self._comm._closed:
+        if self._closed or self._comm._closed or self._comm._forks != FORKS[0]:
+            if self._comm._forks != FORKS[0]:
+                raise forked_error(f"{self.name} (its Communicator)")
             raise CommClosed(f"{self.name} is closed" if self._closed
                              else "the communicator is closed")
         self._owner = check_owner(self._owner, self.name,
                                   "create one backend per thread with Communicator.backend()")
-
-    def _check_rel(self, rel: Any) -> RelTag:
-        """Validate ``rel``, remembering valid ones (RelTags are immutable)."""
-        check_rel(rel)
-        if len(self._rels) > 4096:
-            self._rels.clear()
-        self._rels.add(rel)
-        return rel
 
     def _relsize(self, rel: Any, lsn: Any, nms: Any, timeout: Any,
                  allow_missing: bool) -> tuple[bool, int]:
         """(exists, nblocks), from the relation size cache when its answer holds."""
         self._enter()
         lsn, nms = check_lsns(lsn, nms)
-        rel = self._check_rel(rel)
+        rel = check_rel(rel)
         cache = self._comm._relsizes
         ans = cache.get(rel, lsn, nms)
         if ans is None:
@@ -348,7 +344,7 @@ class Backend:
         deadline = t0 + check_timeout(timeout, self._timeout)
         slot = self._take_slot(deadline)
         slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
-        self._submit(slot, self._comm._map.worker_for(0, self.id))
+        self._submit_slot(slot, self._comm._map.worker_for(0, self.id))
         result = self._wait(slot, deadline)
         self._latency.observe(kind, _NORMAL, time.monotonic() - t0)
         return result
@@ -388,7 +384,18 @@ class Backend:
         if it may be sleeping (see comm/_worker.py)."""
         w.inbox.append(job)
         if must_ring(w, job) and not self._ring(w):
-            raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
+            if self._closed or self._comm._closed:
+                raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
+            raise ShardUnavailable(f"{self.name}: cannot wake {w.name} (its pipe refused "
+                                   f"the doorbell)")
+
+    def _submit_slot(self, slot: Slot, w: Any) -> None:
+        """``_submit`` an armed slot; if that fails, the slot is given up, not lost."""
+        try:
+            self._submit(slot, w)
+        except BaseException:
+            self._give_up(slot)
+            raise
 
     def _ring(self, w: Any) -> bool:
         with self._lock:
@@ -408,8 +415,17 @@ class Backend:
             self._free.append(slot.index)
 
     def _wait(self, slot: Slot, deadline: float) -> Any:
-        if not slot.wait(deadline - time.monotonic()) and slot.abandon():
+        try:
+            done = slot.wait(deadline - time.monotonic())
+        except BaseException:  # e.g. KeyboardInterrupt: the slot comes back when let go
+            self._give_up(slot)
+            raise
+        if not done and slot.abandon():
             self._orphans.append(slot)
+            if slot.shard < 0:  # a join slot: pages of prefetches already in flight
+                raise RequestTimeout(f"{self.name}: the prefetch this read joined ({slot.rel} "
+                                     f"at lsn {slot.lsn:#x}) did not arrive within the "
+                                     f"deadline")
             raise RequestTimeout(f"{self.name}: no reply from shard {slot.shard} within the "
                                  f"deadline for {Kind(slot.kind).name} {slot.rel} "
                                  f"{list(slot.blocks)} at lsn {slot.lsn:#x}"
@@ -432,7 +448,7 @@ class Backend:
         joined failed on their own terms (as in get_page: read them ourselves)."""
         first: BaseException | None = None
         moved: list[int] = []
-        for slot, idxs in slots:
+        for k, (slot, idxs) in enumerate(slots):
             try:
                 pages = self._wait(slot, deadline)
             except WrongShard as e:
@@ -441,9 +457,15 @@ class Backend:
                 else:
                     moved += idxs
                 continue
-            except BaseException as e:  # keep collecting: every slot must come back
+            except Exception as e:  # keep collecting: every slot must come back
                 first = first or e
                 continue
+            except BaseException:  # KeyboardInterrupt: stop now, the others come back later
+                for rest, _ in slots[k + 1:]:
+                    self._give_up(rest)
+                if join is not None:
+                    self._give_up(join)
+                raise
             for i, page in zip(idxs, pages, strict=True):
                 out[i] = page
         if join is not None:

@@ -31,14 +31,16 @@ from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
 from ._config import CommConfig
-from ._errors import CommClosed, ConfigError
+from ._errors import CommClosed, ConfigError, ShardUnavailable
 from ._map import ShardMap
 from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server
+from ._validate import FORKS, forked_error
 from ._worker import STOP, ShardWorker
 
 log = logging.getLogger(__name__)
 _instances = itertools.count(1)
 _PREFETCH = int(RequestClass.PREFETCH)
+_RETIRE_GRACE = 60.0  # seconds a replaced map's workers are kept at least (see _reap_retired)
 
 
 def _curve_files(cfg: CommConfig) -> tuple[str, str] | None:
@@ -130,7 +132,10 @@ class Communicator:
         self._curve = _curve_files(cfg)
         self._ctx = zmq.Context()
         self._ctx.set(zmq.MAX_SOCKETS, cfg.max_sockets)
-        self._retired: list[ShardWorker] = []  # workers of replaced maps, stopped at close
+        # workers of replaced maps, with when: stopped once idle past the grace period
+        # (_reap_retired), the rest at close
+        self._retired: list[tuple[float, ShardWorker]] = []
+        self._forks = FORKS[0]  # a forked child inherits this object, not its threads
         self._latency_retired: LatencySnapshot = {}  # closed backends' latencies (_lock)
         self._metrics: MetricsServer | None = None
         self._map = ShardMap(cfg.shards, cfg.stripe_size, [], 0)
@@ -173,7 +178,7 @@ class Communicator:
                     pool.append(self._start_worker(shard, k, endpoint, generation, started))
                 pools.append(pool)
         except BaseException:  # the ones already running are stopped by close()
-            self._retired += started
+            self._retired += [(0.0, w) for w in started]
             raise
         return pools
 
@@ -195,6 +200,8 @@ class Communicator:
     # ------------------------------------------------------------ backends
     def backend(self) -> Backend:
         """A new Backend with its own slot ring; use it from one thread."""
+        if self._forks != FORKS[0]:
+            raise forked_error("this Communicator")
         with self._lock:
             if self._closed:
                 raise CommClosed("the communicator is closed")
@@ -232,11 +239,15 @@ class Communicator:
         """Switch to a new shard map (a live shard split). Requests already handed to a
         worker finish on the old map; new requests use the new one. The stripe size
         cannot change; a request answered "not my shard" is retried on the new map."""
-        if isinstance(endpoints, str) or not endpoints or not all(
-                isinstance(e, str) and "://" in e for e in endpoints):
+        try:  # once: a generator would be used up by the checks below
+            eps = () if isinstance(endpoints, (str, bytes)) else tuple(endpoints)
+        except TypeError:
+            eps = ()
+        if not eps or not all(isinstance(e, str) and "://" in e for e in eps):
             raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
                               f"{endpoints!r}")
-        eps = tuple(endpoints)
+        if stripe_size is not None and (type(stripe_size) is not int or stripe_size < 1):
+            raise ConfigError(f"stripe_size must be a positive int, got {stripe_size!r}")
         for ep in eps:
             why = endpoint_problem(ep)
             if why is not None:
@@ -253,10 +264,27 @@ class Communicator:
             gen = old.generation + 1
             new = ShardMap(eps, old.stripe, self._start_pools(eps, gen, old), gen)
             kept = {id(w) for pool in new.workers for w in pool}
-            self._retired += [w for pool in old.workers for w in pool if id(w) not in kept]
+            now = time.monotonic()
+            self._retired += [(now, w) for pool in old.workers for w in pool
+                              if id(w) not in kept]
             self._map = new
             self.config = self.config.replace(shards=eps)
         log.info("shard map %d: %d shards %s", gen, len(eps), ", ".join(eps))
+        self._reap_retired()
+
+    def _reap_retired(self) -> None:
+        """Stop the workers of replaced maps that have been idle past the grace period:
+        a call that began on the old map still finishes there, so they are kept for
+        longer than a call's default timeout. Without this, every split would leave a
+        pool of threads and connections behind until close()."""
+        grace = max(_RETIRE_GRACE, 2 * self.config.request_timeout)
+        now = time.monotonic()
+        with self._lock:
+            done = [w for t, w in self._retired if now - t >= grace and not w.inbox
+                    and not w.stats.inflight and not w.stats.queued]
+            gone = {id(w) for w in done}
+            self._retired = [(t, w) for t, w in self._retired if id(w) not in gone]
+        self._stop_workers(done)
 
     # ------------------------------------------------------------ prefetch
     def _prefetch(self, be: Backend, rel: RelTag, blocks: list[int], lsn: int, nms: int,
@@ -268,13 +296,26 @@ class Communicator:
         by_shard: dict[int, list[int]] = {}
         for b in todo:
             by_shard.setdefault(m.shard_of(rel, b), []).append(b)
-        for shard, blks in by_shard.items():
-            for k in range(0, len(blks), MAX_BLOCKS_PER_REQUEST):
-                chunk = tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST])
-                job = PrefetchJob(self._buffer, be.name, rel, chunk, lsn, nms, deadline, shard)
-                job.worker = m.worker_for(shard, be.id)
-                self._buffer.attach(rel, chunk, lsn, job)
+        jobs = [PrefetchJob(self._buffer, be.name, rel, tuple(blks[k:k + MAX_BLOCKS_PER_REQUEST]),
+                            lsn, nms, deadline, shard)
+                for shard, blks in by_shard.items()
+                for k in range(0, len(blks), MAX_BLOCKS_PER_REQUEST)]
+        n = 0
+        try:
+            for job in jobs:
+                job.worker = m.worker_for(job.shard, be.id)
+                self._buffer.attach(rel, job.blocks, lsn, job)
                 be._submit(job, job.worker)
+                n += 1
+        except BaseException as e:
+            # every reservation must be filled or dropped: left PENDING, a reader that
+            # joined it would wait out its deadline, and the entry could never be evicted.
+            # The job that failed to ring may still be taken from its worker's inbox;
+            # filling an entry that is gone then does nothing.
+            err = ShardUnavailable(f"prefetch by {be.name} abandoned: {e}")
+            for job in jobs[n:]:
+                job.fail(err)
+            raise
         return len(todo)
 
     def _promote(self, job: Any, submit: Any) -> None:
@@ -368,7 +409,7 @@ class Communicator:
             backends = list(self._backends.values())
         if self._metrics is not None:
             self._metrics.stop()
-        self._stop_workers()
+        self._stop_workers(self._all_workers())
         for be in backends:
             be.close()
         for slot, i in self._buffer.clear():
@@ -377,15 +418,15 @@ class Communicator:
 
     def _all_workers(self) -> list[ShardWorker]:
         seen: dict[int, ShardWorker] = {}
-        for w in [w for pool in self._map.workers for w in pool] + self._retired:
+        for w in [w for pool in self._map.workers for w in pool] + [w for _, w in self._retired]:
             seen.setdefault(id(w), w)
         return list(seen.values())
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, workers: list[ShardWorker]) -> None:
         """STOP into each worker's pipe and wait for it, one control socket at a time.
         A worker that cannot be sent a STOP (no socket left: the limit that made
         another worker fail to start) ends when term() fails its poll with ETERM."""
-        for w in self._all_workers():
+        for w in workers:
             if not w.thread.is_alive():
                 continue
             try:

@@ -170,13 +170,21 @@ class Slot:
         return self._done.acquire(True, max(timeout, 0.0))
 
     def abandon(self) -> bool:
-        """Give up waiting. True if abandoned; False if it completed meanwhile (then its
+        """Give up waiting. True if abandoned: the backend keeps it as an orphan until
+        the worker lets go (it turns FREE). False if it completed meanwhile (then its
         result is ready and ``_done`` has been re-taken)."""
         with self._lock:
             if self.state == SlotState.PENDING:
                 self.state = SlotState.ABANDONED
                 return True
-        self._done.acquire()  # released by the completer under _lock: never blocks
+            if self.state == SlotState.ABANDONED or self.state == SlotState.FREE:
+                # cancel() got here first (and released _done, which nobody has waited
+                # for): take that back; ABANDONED is still the worker's, FREE is let go
+                self._done.acquire(False)
+                return True
+        # released by the completer under _lock, so it is free now, unless an interrupt
+        # (KeyboardInterrupt) hit the waiter just after its acquire had taken it
+        self._done.acquire(False)
         return False
 
     def cancel(self, error: BaseException) -> bool:
@@ -190,17 +198,18 @@ class Slot:
             return True
 
     def take(self) -> Any:
-        """Hand the outcome to the backend and make the slot FREE again."""
+        """Hand the outcome to the backend and make the slot FREE again. A slot without
+        an outcome is left as it is (InvalidStateError): a worker may still own it."""
         state, result, error = self.state, self.result, self.error
+        if state != SlotState.DONE and state != SlotState.FAILED:
+            raise InvalidStateError(f"slot {self.key:#x} taken while {state.name}")
         self.result = self.error = None
         self.rel = None
         self.state = SlotState.FREE
         if state == SlotState.DONE:
             return result
-        if state == SlotState.FAILED:
-            assert error is not None
-            raise error
-        raise InvalidStateError(f"slot {self.key:#x} taken while {state.name}")
+        assert error is not None
+        raise error
 
     def describe(self) -> dict[str, Any]:
         return {"owner": self.owner, "slot": self.index, "state": self.state.name,

@@ -4,12 +4,13 @@ Every failure is an InvalidRequest that names the argument."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Any
 
 from shards import MAX_BLOCKNO, RelTag, check_reltag
 
-from ._errors import InvalidRequest
+from ._errors import CommClosed, InvalidRequest
 
 MAX_LSN = 0xFFFFFFFFFFFFFFFF
 
@@ -77,6 +78,18 @@ def check_u32(value: Any, name: str) -> int:
     if not 0 <= v <= 0xFFFFFFFF:
         raise InvalidRequest(f"{name}={v} is outside 0..{0xFFFFFFFF}")
     return v
+
+
+# forks this process came through: a child's count is its parent's plus one, so an
+# object that remembers the count it was made at knows whether it was inherited
+FORKS = [0]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: FORKS.__setitem__(0, FORKS[0] + 1))
+
+
+def forked_error(what: str) -> CommClosed:
+    return CommClosed(f"{what} was created before os.fork(): its threads and sockets did "
+                      f"not come into this child process; create a new one in the child")
 
 
 def check_owner(owner: int | None, name: str, how: str) -> int:

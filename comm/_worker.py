@@ -57,7 +57,7 @@ from shards.protocol import (
 
 from ._batch import Batch, coalesce, is_bulk
 from ._conn import Connection
-from ._errors import CommClosed, RequestTimeout, ShardUnavailable
+from ._errors import CommClosed, InvalidRequest, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, per_block, result_of
 from ._window import Windows
 
@@ -150,10 +150,14 @@ class ShardWorker:
             self._loop(pull)
         except zmq.ZMQError as e:  # the context was torn down under us
             log.error("%s: stopping on ZeroMQ error: %s", self.name, e)
+        except Exception:  # a bug: say so loudly, fail what we hold, free the sockets
+            log.exception("%s: stopping on an unexpected error", self.name)
         finally:
-            self._fail_everything(pull)
-            pull.close(0)
-            self._conn.close()
+            try:
+                self._fail_everything(pull)
+            finally:
+                pull.close(0)  # left open, it would block the context's term()
+                self._conn.close()
 
     def _poller(self, pull: zmq.Socket) -> zmq.Poller:
         poller = zmq.Poller()
@@ -262,11 +266,21 @@ class ShardWorker:
 
     def _send(self, job: Any) -> None:
         rid = next(self._rid)
-        if job.kind == Kind.GET_PAGES:
-            frame = encode_get_pages(rid, job.attempt, job.cls, job.lsn, job.nms, job.rel,
-                                     job.blocks)
-        else:
-            frame = self._encode_other(rid, job)
+        try:
+            if job.kind == Kind.GET_PAGES:
+                frame = encode_get_pages(rid, job.attempt, job.cls, job.lsn, job.nms, job.rel,
+                                         job.blocks)
+            else:
+                frame = self._encode_other(rid, job)
+        except (ProtocolError, ValueError, TypeError, OverflowError) as e:
+            # backends validate first, so this is a bug; it fails this job, not the shard
+            if type(job) is Batch:
+                self._split(job)  # each member on its own: only the bad one fails
+            else:
+                self.stats.errors += 1
+                _settle(job.fail, InvalidRequest(f"shard {self.shard}: cannot encode "
+                                                 f"{Kind(job.kind).name} {job.rel}: {e}"))
+            return
         try:
             self._conn.dealer.send(frame, _NOBLOCK)
         except zmq.Again:  # not connected (IMMEDIATE): keep it, wait until writable
@@ -368,7 +382,7 @@ class ShardWorker:
         from under the worker at each one."""
         done, self._done = self._done, []
         for job, result in done:
-            job.complete(result)
+            _settle(job.complete, result)
 
     def _split(self, batch: Batch) -> None:
         self.stats.splits += 1
@@ -448,7 +462,7 @@ class ShardWorker:
         self._queue.clear()
         self._delayed.clear()
         for job in pending:
-            job.fail(err)
+            _settle(job.fail, err)
 
     @property
     def reconnects(self) -> int:
@@ -458,3 +472,13 @@ class ShardWorker:
     def inflight_snapshot(self) -> list[tuple[Any, float]]:
         """(job, sent at) pairs; a racy copy for diagnostics."""
         return list(self._inflight.values())
+
+
+def _settle(finish: Any, arg: Any) -> None:
+    """``job.complete(result)`` or ``job.fail(error)``, where an exception would cost
+    more than that job: the rest of a completion burst, or the worker itself. One is
+    a bug (InvalidStateError: a slot completed twice), logged loudly."""
+    try:
+        finish(arg)
+    except Exception:
+        log.exception("completing a request failed")

@@ -57,6 +57,7 @@ def test_config_is_frozen():
     ("tcp://:6400", "needs a host and a port"),
     ("tcp://127.0.0.1:99999", "a port is 1..65535"),
     ("tcp://127.0.0.1:http", "a port is 1..65535"),
+    ("tcp://127.0.0.1:\uff16\uff14\uff10\uff10", "a port is 1..65535"),  # fullwidth digits
 ])
 def test_a_malformed_endpoint_is_refused_before_any_thread_starts(ep, why):
     with pytest.raises(ConfigError, match=why) as ei:
