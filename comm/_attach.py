@@ -50,6 +50,29 @@ from ._validate import (
 )
 
 _SLICE = 0.05
+_RING_PREFIX = "pagecomm-ring-"  # + pid + "-": the completion FIFO's directory
+
+
+def _remove_stale_rings() -> None:
+    """Remove the FIFO directories of backends that died while attaching (the name
+    lives only for the handshake; a SIGTERM then leaves it). Only this user's, and
+    only those whose process is gone."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(_RING_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_RING_PREFIX):].partition("-")[0]
+        path = os.path.join(tmp, name)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def attach(endpoint: str, *, slots: int = 16, timeout: float = 10.0,
@@ -71,6 +94,7 @@ class ProcBackend:
         if not isinstance(slots, int) or not 1 <= slots <= _ipc.MAX_SLOTS:
             raise InvalidRequest(f"slots must be in 1..{_ipc.MAX_SLOTS}, got {slots!r}")
         self._timeout = check_timeout(request_timeout, 30.0)
+        timeout = check_timeout(timeout, 10.0)  # the attach handshake's
         self._endpoint = endpoint
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -98,7 +122,8 @@ class ProcBackend:
         # the FIFO's name lives only until the communicator has opened it
         where, path = None, ""
         try:
-            where = tempfile.mkdtemp(prefix="pagecomm-ring-")
+            _remove_stale_rings()
+            where = tempfile.mkdtemp(prefix=f"{_RING_PREFIX}{os.getpid()}-")
             path = os.path.join(where, "ring")
             os.mkfifo(path, 0o600)
             self._ring_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -146,8 +171,8 @@ class ProcBackend:
                 sent.append(self._send(Kind.GET_PAGES, rel, chunk, lsn, nms, deadline))
         except BaseException:  # give up on what was sent; slots return on completion
             for slot, use in sent:
-                self._sock.send(_ipc.encode_cancel(slot, use))
-                self._orphans.add(slot)
+                self._give_up(slot, use)
+                self._release(slot)
             raise
         out: list[bytes] = []
         first: BaseException | None = None
@@ -168,6 +193,9 @@ class ProcBackend:
 
     def prefetch(self, rel: RelTag, blocks: Iterable[int], lsn: int, *,
                  not_modified_since: int | None = None, timeout: float | None = None) -> int:
+        """Ask the communicator to prefetch ``blocks``; returns at once, without a round
+        trip. Returns the number of blocks ASKED for: how many the communicator queues
+        (``Backend.prefetch``'s answer) is decided in the other process."""
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
         rel = check_rel(rel)
@@ -216,6 +244,9 @@ class ProcBackend:
     def update_shards(self, endpoints: list[str], stripe_size: int) -> None:
         """The control message of the process form: a live shard split."""
         self._enter()
+        if isinstance(endpoints, (str, bytes)):
+            raise InvalidRequest(f"endpoints must be a list of endpoint strings, not one "
+                                 f"string: {endpoints!r}")
         self._sock.send(_ipc.encode_shards(list(endpoints), stripe_size))
         deadline = time.monotonic() + self._timeout
         while True:
@@ -242,12 +273,19 @@ class ProcBackend:
                 return dict(json.loads(msg[1:]))
             self._note(msg)
 
-    def cancel(self) -> None:
-        """Make the waiting call raise Cancelled (any thread)."""
+    def cancel(self) -> int:
+        """Make the waiting call raise Cancelled (any thread). Returns the number of
+        requests it was waiting for (read without a lock: a count, not a promise)."""
         self._cancel.set()
+        return max(0, self.slots - len(self._free) - len(self._orphans))
 
     def stats(self) -> dict[str, int]:
         return {"slots": self.slots, "slots_in_use": self.slots - len(self._free)}
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (f"<ProcBackend {getattr(self, 'name', '?')} {state} slots={self.slots} "
+                f"in_use={self.stats()['slots_in_use'] if hasattr(self, '_free') else 0}>")
 
     def close(self) -> None:
         """Detach (safe twice). Call from the owning thread."""
@@ -299,12 +337,15 @@ class ProcBackend:
         deadline = time.monotonic() + check_timeout(timeout, self._timeout)
         slot, use = self._send(kind, rel, [], lsn, nms, deadline, e1, e2)
         try:
-            return self._wait(slot, use, deadline)
-        finally:
-            if keep is None:
-                self._release(slot)
-            else:
-                keep.append(slot)
+            d = self._wait(slot, use, deadline)
+        except BaseException:
+            self._release(slot)
+            raise
+        if keep is None:
+            self._release(slot)
+        else:
+            keep.append(slot)
+        return d
 
     def _send(self, kind: int, rel: RelTag | None, blocks: list[int], lsn: int, nms: int,
               deadline: float, e1: int = 0, e2: int = 0) -> tuple[int, int]:
@@ -340,12 +381,22 @@ class ProcBackend:
             try:
                 self._note(self._recv(deadline))
             except BaseException:  # a timeout, a cancel, an interrupt: the slot is out
-                try:  # never block on a communicator that is gone
-                    self._sock.send(_ipc.encode_cancel(slot, use), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                self._orphans.add(slot)  # reusable once its completion arrives
+                self._give_up(slot, use)
                 raise
+
+    def _give_up(self, slot: int, use: int) -> None:
+        """Stop waiting for request ``use`` of ``slot``. Its completion may be in
+        already (taken in while waiting for another slot): then ``_release`` frees the
+        slot at once. Else it is orphaned, reusable once the completion arrives; an
+        orphan whose completion had been taken in would never come back."""
+        d = self._done.get(slot)
+        if d is not None and d.use == use:
+            return
+        try:  # never block on a communicator that is gone
+            self._sock.send(_ipc.encode_cancel(slot, use), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._orphans.add(slot)
 
     def _note(self, msg: bytes | None) -> None:
         """Take in a message from the socket (None: the rings were taken in already)."""

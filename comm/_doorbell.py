@@ -41,10 +41,10 @@ class Doorbells:
         return not must_ring(w, job) or self.ring(w)
 
     def ring(self, w: Any) -> bool:
-        sock = self._socks.get(w.pipe)
-        if sock is None:
-            sock = self._socks[w.pipe] = self._open_pipe(w.pipe)
         try:
+            sock = self._socks.get(w.pipe)
+            if sock is None:  # may fail too (EMFILE): the caller decides, nobody dies
+                sock = self._socks[w.pipe] = self._open_pipe(w.pipe)
             sock.send(DOORBELL, zmq.NOBLOCK)
         except zmq.ZMQError:
             return False

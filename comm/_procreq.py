@@ -24,12 +24,12 @@ from typing import Any
 from shards import BLCKSZ
 from shards.protocol import Kind
 
-from ._errors import CommClosed
+from ._errors import CommClosed, WrongShard
 
 
 class ProcRequest:
     __slots__ = ("owner", "slot", "use", "kind", "buf", "post", "parts", "error", "exists",
-                 "count", "value", "abandoned", "rung", "_lock")
+                 "count", "value", "abandoned", "rung", "redo", "_lock")
 
     def __init__(self, owner: Any, slot: int, use: int, kind: int, buf: memoryview,
                  post: Callable[[ProcRequest], None]) -> None:
@@ -39,6 +39,10 @@ class ProcRequest:
         self.exists, self.count, self.value = False, 0, 0
         self.abandoned = False  # the backend gave up or died: finish, send nothing useful
         self.rung = False  # completed through the backend's FIFO (see _server._Attached)
+        # GET_PAGES: the front's hook to read again positions whose part failed on its
+        # own terms (a joined prefetch that failed, a shard that moved); True if taken
+        # (request, positions, error, map generation of the failed part or -1)
+        self.redo: Callable[[ProcRequest, list[int], BaseException, int], bool] | None = None
         # _lock guards: parts, error
         self._lock = threading.Lock()
         self.parts = 1  # the seal: released by seal() once every part has been added
@@ -79,7 +83,11 @@ class ProcRequest:
             self.post(self)
 
     def fail_part(self, i: int, error: BaseException) -> None:
-        self.fail(error)
+        """A joined prefetch failed. On its own terms (its deadline, a lost server, a
+        split), the page is read again within this request's deadline, as a thread
+        backend does; otherwise the request fails."""
+        if not (i >= 0 and self.redo is not None and self.redo(self, [i], error, -1)):
+            self.fail(error)
         self.part_done()
 
     def fail(self, error: BaseException) -> None:
@@ -99,7 +107,7 @@ class WireJob:
     """A wire request for some positions of a ProcRequest (the worker job interface)."""
 
     __slots__ = ("kind", "cls", "rel", "blocks", "lsn", "nms", "deadline", "attempt", "extra",
-                 "shard", "qkey", "sent", "preq", "positions", "on_result")
+                 "shard", "qkey", "sent", "preq", "positions", "on_result", "gen")
 
     def __init__(self, preq: ProcRequest, kind: int, cls: int, rel: Any,
                  blocks: tuple[int, ...], positions: list[int], lsn: int, nms: int,
@@ -109,6 +117,8 @@ class WireJob:
         self.positions, self.lsn, self.nms, self.deadline = positions, lsn, nms, deadline
         self.shard, self.extra, self.on_result = shard, extra, on_result
         self.attempt, self.qkey, self.sent = 0, None, False
+        self.gen = -1  # the shard map it was routed on (GET_PAGES): a WrongShard after a
+        # split is read again on the new map
 
     batchable = True  # a worker may put it in one wire request with others (_batch.py)
 
@@ -138,8 +148,11 @@ class WireJob:
         return True
 
     def fail(self, error: BaseException) -> bool:
-        self.preq.fail(error)
-        self.preq.part_done()
+        p = self.preq
+        if not (self.kind == Kind.GET_PAGES and isinstance(error, WrongShard)
+                and p.redo is not None and p.redo(p, self.positions, error, self.gen)):
+            p.fail(error)
+        p.part_done()
         return True
 
     def describe(self) -> dict[str, Any]:

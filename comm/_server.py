@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import logging
 import os
@@ -37,11 +38,12 @@ from typing import Any
 import zmq
 
 from shards import MAX_BLOCKNO, RelTag
+from shards._endpoint import ipc_in_use, remove_ipc
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from . import _ipc
 from ._doorbell import Doorbells
-from ._errors import CommError, InvalidRequest
+from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
 from ._procreq import CLOSED, ProcRequest, WireJob
 from ._validate import check_lsns, check_rel, check_timeout
 
@@ -124,6 +126,9 @@ class CommServer:
         self._by_ident: dict[bytes, _Attached] = {}  # front thread only
         self._leaving: list[_Attached] = []  # abandoned at shutdown; unmapped by release()
         self._outbox: collections.deque[ProcRequest] = collections.deque()
+        # parts to read again (see _redo_hook), from any thread, for the front
+        self._redo: collections.deque[tuple[ProcRequest, list[int], tuple[Any, ...]]] = \
+            collections.deque()
         self._completions = {"rung": 0, "sent": 0}  # front thread only: how they went out
         self._idle = False
         self._bell_r, self._bell_w = os.pipe()
@@ -163,6 +168,8 @@ class CommServer:
         ctx = self.comm._ctx
         router = None
         try:
+            if ipc_in_use(self.listen):  # ZeroMQ's bind would take it over from a live one
+                raise zmq.ZMQError(errno.EADDRINUSE, "another process listens there")
             router = ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -183,13 +190,15 @@ class CommServer:
         try:
             while not self._stopping:
                 self._idle = True
-                timeout = 0 if self._outbox else int(_LIVENESS_INTERVAL * 1000)
+                timeout = 0 if self._outbox or self._redo else int(_LIVENESS_INTERVAL * 1000)
                 events = dict(poller.poll(timeout))
                 self._idle = False
                 if self._bell_r in events:
                     os.read(self._bell_r, 4096)
                 if router in events:
                     self._drain(router)
+                if self._redo:
+                    self._read_again()
                 self._flush(router)
                 if time.monotonic() >= next_check:
                     self._check_liveness()
@@ -200,6 +209,7 @@ class CommServer:
                 self._abandon(att)
             self._bells.close()
             router.close(0)
+            remove_ipc(self.listen)  # so that attach() hears at once that nobody listens
 
     def _drain(self, router: zmq.Socket) -> None:
         while router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int
@@ -211,8 +221,10 @@ class CommServer:
                 self._on_message(router, ident, msg)
             except _ipc.IpcError as e:
                 log.warning("bad message from a backend process: %s", e)
-            except zmq.ZMQError:
-                raise
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:  # the context is being torn down: stop
+                    raise
+                log.error("serving a message from a backend process failed: %s", e)
             except Exception:  # a bug must cost one message, not every backend's front
                 log.exception("serving a message from a backend process failed")
 
@@ -313,6 +325,8 @@ class CommServer:
     def _get_pages(self, att: _Attached, p: ProcRequest, m: Any, rel: RelTag,
                    blocks: tuple[int, ...], lsn: int, nms: int, deadline: float) -> None:
         buf = self.comm._buffer
+        args = (rel, blocks, lsn, nms, deadline)
+        p.redo = self._redo_hook(att, args)
         missing: list[int] = list(range(len(blocks)))
         if buf._entries:  # racy peek: an empty buffer needs no lock
             n = len(blocks)
@@ -324,14 +338,56 @@ class CommServer:
             # write the hits; give back the parts of the pages that must be fetched
             p.deliver_parts([(i, pg) for i, pg in enumerate(hits) if pg is not None],
                             len(missing))
-        misses: dict[int, list[int]] = {}
-        for i in missing:
-            misses.setdefault(m.shard_of(rel, blocks[i]), []).append(i)
-        for shard, pos in misses.items():
+        self._fetch(att, p, m, args, missing)
+
+    def _fetch(self, att: _Attached, p: ProcRequest, m: Any, args: tuple[Any, ...],
+               positions: list[int]) -> None:
+        """Wire requests for ``positions`` of a GET_PAGES request, one per shard."""
+        rel, blocks, lsn, nms, deadline = args
+        by_shard: dict[int, list[int]] = {}
+        for i in positions:
+            by_shard.setdefault(m.shard_of(rel, blocks[i]), []).append(i)
+        for shard, pos in by_shard.items():
             job = WireJob(p, Kind.GET_PAGES, int(RequestClass.NORMAL), rel,
                           tuple(blocks[i] for i in pos), pos, lsn, nms, deadline, shard)
+            job.gen = m.generation
             p.add_part()
             self._submit(job, m.worker_for(shard, att.id))
+
+    def _redo_hook(self, att: _Attached, args: tuple[Any, ...]) -> Any:
+        """``ProcRequest.redo`` for a GET_PAGES request (called in any thread): positions
+        whose part failed on its own terms are read again by the front, within the
+        request's deadline. A joined prefetch that failed (its deadline, a lost server,
+        a split: ``gen`` -1) or a wire part answered WrongShard on a map replaced since
+        (``gen`` older) qualifies; as in Backend.get_pages."""
+        def redo(p: ProcRequest, positions: list[int], error: BaseException, gen: int) -> bool:
+            if not isinstance(error, (ShardUnavailable, WrongShard)) or p.abandoned:
+                return False
+            if gen >= 0 and gen == self.comm._map.generation:
+                return False  # the shard map it was routed on still holds: a real error
+            if self._stopping or time.monotonic() >= args[4]:
+                return False
+            p.add_part()  # before the failed part is done: the request stays open
+            self._redo.append((p, positions, args))
+            if self._idle:
+                try:
+                    os.write(self._bell_w, b"x")
+                except OSError:
+                    pass  # closed at shutdown
+            return True
+        return redo
+
+    def _read_again(self) -> None:
+        m = self.comm._map
+        while self._redo:
+            p, positions, args = self._redo.popleft()
+            try:
+                if not p.abandoned:
+                    self._fetch(p.owner, p, m, args, positions)
+            except CommError as e:
+                p.fail(e)
+            finally:
+                p.part_done()  # the part redo() added
 
     def _prefetch(self, att: _Attached, r: _ipc.Req) -> None:
         try:
@@ -345,7 +401,10 @@ class CommServer:
         self.comm._prefetch(_Submitter(self, att), rel, blocks, lsn, nms, deadline)
 
     def _submit(self, job: Any, w: Any) -> None:
-        self._bells.submit(job, w)
+        if not self._bells.submit(job, w):
+            # the job is in the worker's inbox and goes out at its next wakeup; the
+            # backend's deadline bounds the wait meanwhile
+            log.warning("could not ring %s's doorbell (out of sockets?)", w.name)
 
     # ------------------------------------------------------------ completions
     def _post(self, p: ProcRequest) -> None:

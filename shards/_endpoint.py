@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 
 
 def endpoint_problem(ep: str, *, bind: bool = False) -> str | None:
@@ -62,13 +63,17 @@ def ipc_in_use(ep: str) -> bool:
     return True
 
 
-def remove_ipc(ep: str) -> None:
+def remove_ipc(ep: str, wait: float = 0.5) -> None:
     """Remove ``ep``'s socket file after the server that bound it has closed its
     socket (ZeroMQ leaves it behind), so that clients are told at once that nobody
     listens there. Anything but a socket file is left alone."""
     path = ipc_path(ep)
     if path is None:
         return
+    # ZeroMQ closes the listener in its I/O thread, a moment after close() returns
+    end = time.monotonic() + wait
+    while ipc_in_use(ep) and time.monotonic() < end:
+        time.sleep(0.01)
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode) and not ipc_in_use(ep):
             os.unlink(path)

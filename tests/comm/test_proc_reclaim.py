@@ -1,0 +1,127 @@
+"""Backend processes (comm.attach) against an in-process CommServer: reads that
+joined a failed prefetch are read again, slots come back whatever ends a wait,
+the ipc path is not taken over from a live communicator and is removed on stop,
+and the handle's arguments and introspection match a thread backend's."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakeserver import FakeServer, fake_page
+
+import comm
+from comm import RelTag
+from comm._server import CommServer
+
+pytestmark = pytest.mark.timeout(60)
+REL = RelTag(1663, 5, 16384)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[FakeServer, comm.Communicator, CommServer]]:
+    with FakeServer() as s, comm.Communicator([s.endpoint], stripe_size=8,
+                                              config=comm.CommConfig(request_timeout=5)) as c:
+        server = CommServer(c, f"ipc://{tmp_path}/front.ipc").start()
+        try:
+            yield s, c, server
+        finally:
+            server.stop()
+            c.close()
+            server.release()
+
+
+def test_a_read_that_joined_a_failed_prefetch_is_read_again(served: Any) -> None:
+    """The prefetch's own short deadline passes; the read, with 5 s, gets its page (a
+    thread backend does the same)."""
+    s, _, server = served
+    with comm.attach(server.endpoint) as be:
+        s.delay = 0.4
+        be.prefetch(REL, [7], lsn=100, timeout=0.1)
+        time.sleep(0.02)  # the prefetch is in flight: the read joins it
+        assert be.get_page(REL, 7, lsn=100, timeout=5) == fake_page(REL, 7, 100)
+        assert be.get_pages(REL, [8, 9], lsn=100) == [fake_page(REL, b, 100) for b in (8, 9)]
+
+
+def test_a_completion_taken_in_while_waiting_for_a_slot_frees_that_slot(served: Any) -> None:
+    s, _, server = served
+    with comm.attach(server.endpoint, slots=2) as be:
+        s.frozen = True  # one slot orphaned until the worker's deadline (5 s)
+        threading.Timer(0.2, be.cancel).start()
+        with pytest.raises(comm.Cancelled):
+            be.get_page(REL, 1, lsn=100, timeout=3)
+        s.frozen = False
+        # two chunks, one free slot: the first chunk completes while the call waits
+        # for the orphan; then the deadline passes
+        with pytest.raises(comm.RequestTimeout):
+            be.get_pages(REL, list(range(40)), lsn=100, timeout=0.5)
+        assert len(be._free) == 1 and be._orphans == {be._orphans.copy().pop()}
+        end = time.monotonic() + 8
+        while len(be._free) < 2 and time.monotonic() < end:  # the orphan's completion
+            try:
+                be.get_page(REL, 2, lsn=100, timeout=0.3)
+            except comm.CommError:
+                pass
+        assert len(be._free) == 2 and not be._orphans
+
+
+def test_a_second_communicator_on_a_live_ipc_path_is_refused(served: Any) -> None:
+    _, c, server = served
+    path = server.endpoint.partition("ipc://")[2]
+    other = CommServer(c, server.endpoint)
+    with pytest.raises(comm.CommError, match="another process listens there"):
+        other.start()
+    other.release()
+    with comm.attach(server.endpoint) as be:  # the first still serves
+        assert be.get_page(REL, 3, lsn=100) == fake_page(REL, 3, 100)
+    server.stop()
+    assert not os.path.exists(path)  # removed: attach() says at once nobody listens
+    with pytest.raises(comm.CommClosed, match="does not exist"):
+        comm.attach(server.endpoint)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, float("nan"), float("inf"), 1e9, "x", True])
+def test_attach_timeout_is_checked(served: Any, bad: Any) -> None:
+    _, _, server = served
+    with pytest.raises(comm.InvalidRequest, match="timeout"):
+        comm.attach(server.endpoint, timeout=bad)
+
+
+def test_the_handle_looks_like_a_thread_backend(served: Any) -> None:
+    _, _, server = served
+    with comm.attach(server.endpoint, slots=4) as be:
+        assert repr(be).startswith(f"<ProcBackend {be.name} open slots=4 in_use=0")
+        assert be.cancel() == 0
+        with pytest.raises(comm.InvalidRequest, match="not one string"):
+            be.update_shards("tcp://127.0.0.1:1", 8)  # type: ignore[arg-type]
+    assert "closed" in repr(be)
+
+
+def test_a_dead_attachers_fifo_directory_is_removed(served: Any, tmp_path: Path) -> None:
+    import tempfile
+
+    from comm._attach import _RING_PREFIX
+    _, _, server = served
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a pid that no longer runs
+    stale = Path(tempfile.gettempdir()) / f"{_RING_PREFIX}{pid}-abc"
+    stale.mkdir()
+    (stale / "ring").write_bytes(b"")
+    live = Path(tempfile.mkdtemp(prefix=f"{_RING_PREFIX}{os.getpid()}-"))
+    try:
+        with comm.attach(server.endpoint):
+            pass
+        assert not stale.exists() and live.exists()
+    finally:
+        for d in (stale, live):
+            if d.exists():
+                for f in d.iterdir():
+                    f.unlink()
+                d.rmdir()
