@@ -212,3 +212,21 @@ def test_a_forked_child_is_told_to_make_its_own_communicator() -> None:
         assert got == b"\x00"
         assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)  # the parent's works
         be.close()
+
+
+def test_replaced_workers_are_stopped_once_idle_past_the_grace_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import comm._communicator as cm
+    monkeypatch.setattr(cm, "_RETIRE_GRACE", 0.0)  # the grace is then 2 x request_timeout
+    with FakeServer() as a, FakeServer() as b, comm.Communicator(
+            [a.endpoint], stripe_size=8, config=_cfg(request_timeout=0.3)) as c:
+        first = _workers(c)
+        c.update_shards([b.endpoint])
+        assert all(w.thread.is_alive() for w in first)  # calls begun on the old map finish
+        time.sleep(0.7)
+        c.update_shards([a.endpoint])  # a split later: the first pool is reaped
+        assert not any(w.thread.is_alive() for w in first)
+        second = [w for _, w in c._retired]
+        assert second and all(w.thread.is_alive() for w in second)  # still in its grace
+        with c.backend() as be:
+            assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
