@@ -6,7 +6,14 @@ versioned page store, the page server and the PostgreSQL importer.
 
 from ._checksum import pg_checksum_page, verify_page_checksum
 from ._cluster import LocalCluster
-from ._errors import PgImportError, ProtocolError, ShardsError, StoreError
+from ._errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    PgImportError,
+    ProtocolError,
+    ShardsError,
+    StoreError,
+)
 from ._layout import open_shard_store, read_layout
 from ._pgimport import ImportResult, import_pgdata
 from ._server import PageServer, ServerFaults
@@ -28,7 +35,8 @@ from ._types import (
 __all__ = [
     "BLCKSZ", "DEFAULT_STRIPE_SIZE", "FSM_FORKNUM", "INIT_FORKNUM", "MAIN_FORKNUM",
     "MAX_BLOCKNO", "MAX_BLOCKS_PER_REQUEST", "VISIBILITYMAP_FORKNUM",
-    "ImportResult", "LocalCluster", "PageServer", "PageStore", "PgImportError",
+    "ImportResult", "InvalidArgument", "InvalidArgumentType", "LocalCluster", "PageServer",
+    "PageStore", "PgImportError",
     "ProtocolError", "RelTag", "ServerFaults", "ShardsError", "StoreError",
     "check_reltag", "generate_store", "hash_combine", "import_pgdata", "murmurhash32",
     "open_shard_store", "pg_checksum_page", "read_layout", "shard_for", "synth_page", "synth_pages",

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ._errors import InvalidArgument, InvalidArgumentType
 from ._types import BLCKSZ
 
 N_SUMS = 32
@@ -45,9 +46,9 @@ _CHUNK = 256  # pages per vector pass: big enough to amortise, small enough for 
 
 def _check_page(page: object) -> bytes | bytearray | memoryview:
     if not isinstance(page, (bytes, bytearray, memoryview)):
-        raise TypeError(f"page must be bytes, got {type(page).__name__}")
+        raise InvalidArgumentType(f"page must be bytes, got {type(page).__name__}")
     if len(page) != BLCKSZ:
-        raise ValueError(f"page must be exactly {BLCKSZ} bytes, got {len(page)}")
+        raise InvalidArgument(f"page must be exactly {BLCKSZ} bytes, got {len(page)}")
     return page
 
 
@@ -60,9 +61,9 @@ def _is_zero(page: bytes | bytearray | memoryview) -> bool:
 
 def _check_blkno(blkno: object) -> int:
     if not isinstance(blkno, (int, np.integer)) or isinstance(blkno, bool):
-        raise TypeError(f"blkno must be an int, got {type(blkno).__name__}")
+        raise InvalidArgumentType(f"blkno must be an int, got {type(blkno).__name__}")
     if not 0 <= blkno <= 0xFFFFFFFF:
-        raise ValueError(f"blkno={blkno} is outside 0..{0xFFFFFFFF}")
+        raise InvalidArgument(f"blkno={blkno} is outside 0..{0xFFFFFFFF}")
     return int(blkno)
 
 
@@ -88,7 +89,7 @@ def pg_checksum_pages(pages: Sequence[bytes | bytearray | memoryview],
     """pg_checksum_page for many pages at once (vectorised across pages)."""
     blocks = [_check_blkno(b) for b in blknos]
     if len(blocks) != len(pages):
-        raise ValueError(f"got {len(pages)} pages but {len(blocks)} block numbers")
+        raise InvalidArgument(f"got {len(pages)} pages but {len(blocks)} block numbers")
     out: list[int] = []
     for i in range(0, len(pages), _CHUNK):
         out.extend(_checksum_chunk(pages[i:i + _CHUNK], blocks[i:i + _CHUNK]))

@@ -8,6 +8,11 @@ with a deadline, so a child that fails to start is reported with its stderr
 instead of hanging the caller. Children's stderr goes to a temporary file (a pipe
 nobody reads would fill up and block a chatty child). Tests use kill/freeze/thaw/
 restart to model crashed, stuck and recovering page servers.
+
+A LocalCluster goes new -> running -> stopped, once: start() on a running or
+stopped one raises ShardsError and leaves every child as it is, so a second
+start() can never orphan the first one's servers. A child spawned while stop()
+runs (a restart racing it) is killed at once rather than left behind.
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from ._errors import ShardsError
+from ._errors import InvalidArgument, InvalidArgumentType, ShardsError
 from ._layout import read_layout
+from ._server import MAX_WAIT_SECONDS
 
 log = logging.getLogger(__name__)
 _PKG_PARENT = str(Path(__file__).resolve().parent.parent)
+_MAX_LATENCY_MS = MAX_WAIT_SECONDS * 1000  # serve's --latency-ms bound
 
 
 class LocalCluster:
@@ -41,19 +48,26 @@ class LocalCluster:
         self.store_dir = Path(store_dir)
         layout = read_layout(self.store_dir)
         if shard_count is not None and shard_count != layout["shard_count"]:
-            raise ValueError(f"shard_count={shard_count} does not match "
-                             f"{layout['shard_count']} in {self.store_dir}/layout.json")
+            raise InvalidArgument(f"shard_count={shard_count} does not match "
+                                  f"{layout['shard_count']} in {self.store_dir}/layout.json")
         self.shard_count: int = layout["shard_count"]
         self.stripe_size: int = layout["stripe_size"]
-        self.latency_ms = float(latency_ms)
+        self.latency_ms = _number("latency_ms", latency_ms, lambda v: 0 <= v < _MAX_LATENCY_MS,
+                                  f"milliseconds in 0..{_MAX_LATENCY_MS} (exclusive)")
+        if isinstance(extra_args, (str, bytes)):  # each character would become an argument
+            raise InvalidArgumentType(f"extra_args must be a sequence of arguments, "
+                                      f"got {type(extra_args).__name__}")
         self.extra_args = [str(a) for a in extra_args]
-        self.python = python
-        self.start_timeout = start_timeout
-        self._lock = threading.Lock()  # guards procs, endpoints, _stderr, _stopped
+        if not isinstance(python, (str, os.PathLike)):
+            raise InvalidArgumentType(f"python must be a path, got {type(python).__name__}")
+        self.python = os.fspath(python)
+        self.start_timeout = _number("start_timeout", start_timeout,
+                                     lambda v: 0 < v < float("inf"), "seconds above 0")
+        self._lock = threading.Lock()  # guards procs, endpoints, _stderr, _state
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.shard_count
         self.endpoints: list[str] = [""] * self.shard_count
         self._stderr: list[IO[bytes] | None] = [None] * self.shard_count
-        self._stopped = False
+        self._state = "new"  # new -> running -> stopped (see module docstring)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -64,7 +78,16 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> LocalCluster:
-        """Start every shard (in parallel) and wait until all are READY."""
+        """Start every shard (in parallel) and wait until all are READY.
+
+        Once only: on a cluster that is already running (or stopped) this raises
+        ShardsError and changes nothing; create a new LocalCluster to start again.
+        If any shard fails to start, every shard started so far is stopped."""
+        with self._lock:
+            if self._state != "new":
+                now = "already running" if self._state == "running" else self._state
+                raise ShardsError(f"LocalCluster of {self.store_dir} cannot start: it is {now}")
+            self._state = "running"
         try:
             for i in range(self.shard_count):
                 self._spawn(i, "tcp://127.0.0.1:0")
@@ -78,7 +101,7 @@ class LocalCluster:
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every child, wait, then SIGKILL stragglers (idempotent)."""
         with self._lock:
-            self._stopped = True
+            self._state = "stopped"
             procs = list(enumerate(self.procs))
         for _, p in procs:
             if p is not None and p.poll() is None:
@@ -141,7 +164,7 @@ class LocalCluster:
                 p.wait()
         self._close_io(i)
         with self._lock:
-            if self._stopped:
+            if self._state == "stopped":
                 raise ShardsError("LocalCluster is stopped")
             endpoint = self.endpoints[i]
         self._spawn(i, endpoint)
@@ -150,9 +173,11 @@ class LocalCluster:
     # ------------------------------------------------------------ internals
 
     def _proc(self, i: int) -> subprocess.Popen[bytes]:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise InvalidArgumentType(f"shard must be an int, got {type(i).__name__}")
+        if not 0 <= i < self.shard_count:
+            raise InvalidArgument(f"shard {i} is outside 0..{self.shard_count - 1}")
         with self._lock:
-            if not 0 <= i < self.shard_count:
-                raise ValueError(f"shard {i} is outside 0..{self.shard_count - 1}")
             p = self.procs[i]
         if p is None:
             raise ShardsError(f"shard {i} was never started")
@@ -166,10 +191,24 @@ class LocalCluster:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_PARENT, env.get("PYTHONPATH")]))
         err = tempfile.TemporaryFile(prefix=f"shard-{i}-stderr-")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err, env=env, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=err, env=env, start_new_session=True)
+        except OSError as e:  # no such python, not executable, out of processes
+            err.close()
+            raise ShardsError(f"cannot start the page server for shard {i} of "
+                              f"{self.store_dir}: {self.python}: {e.strerror or e}") from None
         with self._lock:
-            self.procs[i], self._stderr[i] = proc, err
+            stopped = self._state == "stopped"
+            if not stopped:
+                self.procs[i], self._stderr[i] = proc, err
+        if stopped:  # stop() ran meanwhile and cannot have seen this child: end it here
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            err.close()
+            raise ShardsError("LocalCluster is stopped")
 
     def _await_ready(self, i: int) -> str:
         p = self._proc(i)
@@ -217,6 +256,21 @@ class LocalCluster:
             p.stdout.close()
         if err is not None:
             err.close()
+
+
+def _number(name: str, v: object, ok: Callable[[float], bool], what: str) -> float:
+    """``float(v)`` if ``ok`` of it, else a typed error naming ``name``: InvalidArgument
+    (a ValueError, as float() raised) or, for a value float() does not take at all,
+    InvalidArgumentType (a TypeError). ``what`` says what is expected."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArgumentType(f"{name} must be {what}, got {type(v).__name__}") from None
+    except ValueError:
+        raise InvalidArgument(f"{name} must be {what}, got {v!r}") from None
+    if not ok(f):  # nan fails every comparison
+        raise InvalidArgument(f"{name} must be {what}, got {v!r}")
+    return f
 
 
 def _all_threads_stopped(pid: int) -> bool:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.auth
 
-from ._errors import ShardsError
+from ._errors import InvalidArgument, ShardsError
 
 
 class CurveKeyError(ShardsError):
@@ -128,9 +128,9 @@ def check_exposure(bind: str, secured: bool, insecure: bool, log: Any) -> None:
     if secured or is_loopback(bind):
         return
     if not insecure:
-        raise ValueError(f"refusing to bind {bind} without CURVE keys: pass a secret key and "
-                         f"a clients directory (--curve-secret/--curve-clients), or allow "
-                         f"plaintext explicitly (--insecure)")
+        raise InvalidArgument(f"refusing to bind {bind} without CURVE keys: pass a secret key "
+                              f"and a clients directory (--curve-secret/--curve-clients), or "
+                              f"allow plaintext explicitly (--insecure)")
     log.warning("serving %s WITHOUT authentication or encryption (--insecure)", bind)
 
 

@@ -8,6 +8,17 @@ class ShardsError(Exception):
     """Base of every error raised by the ``shards`` package."""
 
 
+class InvalidArgument(ShardsError, ValueError):
+    """An argument's value is out of its range or does not fit (a shard beyond the
+    store's shard count, a page of the wrong size, a shard count other than the
+    store's). A ValueError too, as such errors always were."""
+
+
+class InvalidArgumentType(ShardsError, TypeError):
+    """An argument is of the wrong type (a str where a RelTag or an int belongs).
+    A TypeError too, as such errors always were."""
+
+
 class ProtocolError(ShardsError, ValueError):
     """A frame sequence is malformed, truncated, oversized, of an unknown version or
     kind, or carries a field outside its range. The only error decoding raises."""

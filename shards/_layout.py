@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._errors import StoreError
+from ._errors import InvalidArgument, StoreError
 from ._shardmap import check_shard_params
 from ._store import PageStore, _int
 
@@ -54,11 +54,17 @@ def read_layout(store_dir: str | os.PathLike[str]) -> dict[str, int]:
 
 def open_shard_store(store_dir: str | os.PathLike[str], shard: int, readonly: bool = False,
                      **kwargs: Any) -> PageStore:
-    """Open shard ``shard`` of a sharded store directory (checked against layout.json
-    when it exists)."""
+    """Open shard ``shard`` of the sharded store directory ``store_dir``.
+
+    ``store_dir`` must already be a sharded store (hold a layout.json, written by
+    :func:`write_layout`, generate_store or import_pgdata): StoreError otherwise,
+    so a mistyped path is reported rather than silently made an empty store.
+    InvalidArgument if ``shard`` is outside the layout's shard count. Writable
+    (the default), the shard's PageStore is created when the store has none yet
+    (generate_store and import_pgdata fill new stores so); ``readonly=True``
+    needs it to exist (StoreError)."""
     path = shard_store_path(store_dir, shard)
-    if (Path(store_dir) / LAYOUT_FILE).exists():
-        count = read_layout(store_dir)["shard_count"]
-        if shard >= count:
-            raise ValueError(f"shard={shard} is outside 0..{count - 1} of {store_dir}")
+    count = read_layout(store_dir)["shard_count"]  # StoreError: not a sharded page store
+    if shard >= count:
+        raise InvalidArgument(f"shard={shard} is outside 0..{count - 1} of {store_dir}")
     return PageStore(path, readonly=readonly, **kwargs)

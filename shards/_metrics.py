@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._errors import InvalidArgument
 from ._protocol import Kind, RequestClass, Status
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ServerMetrics:
 
     def __init__(self, server: Any, port: int, addr: str = "127.0.0.1") -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"metrics port must be an integer in 0..65535, got {port!r}")
+            raise InvalidArgument(f"metrics port must be an integer in 0..65535, got {port!r}")
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServerCollector(server))
         started = start_http_server(port, addr, registry=self.registry)

@@ -25,9 +25,10 @@ def _endpoint(text: str) -> str:
     """``--bind``: an endpoint ZeroMQ can bind (port 0 or * takes a free port)."""
     why = endpoint_problem(text, bind=True)
     if why is not None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an endpoint like "
-                                         f"tcp://127.0.0.1:6400, ipc://PATH or inproc://NAME "
-                                         f"({why})")
+        msg = f"{text!r} is not an endpoint like tcp://127.0.0.1:6400, ipc://PATH or inproc://NAME"
+        if not why.startswith("is not an endpoint"):  # else it would say the same twice
+            msg += f" ({why})"
+        raise argparse.ArgumentTypeError(msg)
     return text
 
 

@@ -25,6 +25,10 @@ One thread owns the ROUTER socket and runs a loop:
 Every status is in-band; malformed frames are answered INVALID_REQUEST when their
 request id can be read, else dropped and counted. :class:`ServerFaults` injects
 drops, corrupt pages, wrong blocks, forced statuses and garbage frames for tests.
+
+An ``ipc://`` path where a live server listens is refused like a TCP port in use
+(ZeroMQ's bind would silently replace that server's socket file); a stale file,
+with nobody listening, is bound over. A stopped server removes its socket file.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Any
 import zmq
 
 from ._curve import check_exposure, secure_server
-from ._errors import ProtocolError, ShardsError, StoreError
+from ._endpoint import ipc_in_use, remove_ipc
+from ._errors import InvalidArgument, ProtocolError, ShardsError, StoreError
 from ._fastpath import ok_get_pages_reply
 from ._faults import ServerFaults, inject
 from ._protocol import (
@@ -106,21 +111,25 @@ class PageServer:
                  curve_clients: str | None = None, insecure: bool = False) -> None:
         check_shard_params(shard_count, stripe_size)
         if not isinstance(shard, int) or not 0 <= shard < shard_count:
-            raise ValueError(f"shard={shard!r} is outside 0..{shard_count - 1}")
+            raise InvalidArgument(f"shard={shard!r} is outside 0..{shard_count - 1}")
         if not isinstance(bind, str) or "://" not in bind:
-            raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:0, got {bind!r}")
+            raise InvalidArgument(f"bind must be a ZeroMQ endpoint like tcp://127.0.0.1:0, "
+                                  f"got {bind!r}")
         for name, v in (("latency", latency), ("lsn_wait", lsn_wait)):
             if not isinstance(v, (int, float)) or not 0 <= v < MAX_WAIT_SECONDS:
-                raise ValueError(f"{name} must be seconds in 0..{MAX_WAIT_SECONDS}, got {v!r}")
+                raise InvalidArgument(f"{name} must be seconds in 0..{MAX_WAIT_SECONDS}, "
+                                      f"got {v!r}")
         for name, v in (("max_queue", max_queue), ("max_batch", max_batch)):
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise InvalidArgument(f"{name} must be a positive int, got {v!r}")
         if metrics_port is not None and (isinstance(metrics_port, bool) or not isinstance(
                 metrics_port, int) or not 0 <= metrics_port <= 65535):
-            raise ValueError(f"metrics_port must be an integer in 0..65535, got {metrics_port!r}")
+            raise InvalidArgument(f"metrics_port must be an integer in 0..65535, "
+                                  f"got {metrics_port!r}")
         if (curve_secret is None) != (curve_clients is None):
-            raise ValueError("CURVE needs both curve_secret (this server's .key_secret file) "
-                             "and curve_clients (a directory of accepted client .key files)")
+            raise InvalidArgument("CURVE needs both curve_secret (this server's .key_secret "
+                                  "file) and curve_clients (a directory of accepted client "
+                                  ".key files)")
         check_exposure(bind, curve_secret is not None, insecure, log)
         self.curve_secret, self.curve_clients = curve_secret, curve_clients
         self.store = store
@@ -239,6 +248,9 @@ class PageServer:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unroutable replies are dropped
             sock.setsockopt(zmq.RCVHWM, _HWM)
             sock.setsockopt(zmq.SNDHWM, _HWM)
+            if ipc_in_use(self.bind):  # zmq's bind would replace a live server's socket file
+                raise ShardsError("Address already in use (a live server listens on "
+                                  "its socket file)")
             sock.bind(self.bind)
             with self._lock:
                 self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -262,6 +274,10 @@ class PageServer:
             if auth is not None:
                 auth.stop()
             ctx.term()
+            with self._lock:
+                endpoint = self._endpoint
+            if endpoint is not None:  # its ipc socket file, now that nobody listens on it
+                remove_ipc(endpoint)
 
     def _loop(self, sock: zmq.Socket) -> None:
         if self.latency:

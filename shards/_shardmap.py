@@ -8,6 +8,7 @@ to reset unlogged relations), live on shard 0.
 
 from __future__ import annotations
 
+from ._errors import InvalidArgument
 from ._types import INIT_FORKNUM, RelTag
 
 _M32 = 0xFFFFFFFF
@@ -34,9 +35,9 @@ def hash_combine(a: int, b: int) -> int:
 def check_shard_params(shard_count: int, stripe_size: int) -> None:
     if (not isinstance(shard_count, int) or isinstance(shard_count, bool)
             or not 1 <= shard_count <= 255):
-        raise ValueError(f"shard_count must be an int in 1..255, got {shard_count!r}")
+        raise InvalidArgument(f"shard_count must be an int in 1..255, got {shard_count!r}")
     if not isinstance(stripe_size, int) or isinstance(stripe_size, bool) or stripe_size < 1:
-        raise ValueError(f"stripe_size must be a positive int, got {stripe_size!r}")
+        raise InvalidArgument(f"stripe_size must be a positive int, got {stripe_size!r}")
 
 
 def shard_for(rel: RelTag, blkno: int, shard_count: int,

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from ._errors import StoreError
+from ._errors import InvalidArgument, InvalidArgumentType, StoreError
 from ._protocol import MAX_SLRU_SEGMENT_BYTES
 from ._types import BLCKSZ, MAX_BLOCKNO, MAX_LSN, MAX_UINT32, RelTag, check_reltag
 
@@ -75,9 +75,9 @@ def _translate(fn: F) -> F:
 
 def _int(name: str, v: object, lo: int, hi: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        raise InvalidArgumentType(f"{name} must be an int, got {type(v).__name__}")
     if not lo <= v <= hi:
-        raise ValueError(f"{name}={v} is outside {lo}..{hi}")
+        raise InvalidArgument(f"{name}={v} is outside {lo}..{hi}")
     return v
 
 
@@ -91,9 +91,9 @@ def _blkno(v: object) -> int:
 
 def _page(page: object) -> bytes:
     if not isinstance(page, (bytes, bytearray, memoryview)):
-        raise TypeError(f"page must be bytes, got {type(page).__name__}")
+        raise InvalidArgumentType(f"page must be bytes, got {type(page).__name__}")
     if len(page) != BLCKSZ:
-        raise ValueError(f"page must be exactly {BLCKSZ} bytes, got {len(page)}")
+        raise InvalidArgument(f"page must be exactly {BLCKSZ} bytes, got {len(page)}")
     return bytes(page)
 
 
@@ -255,10 +255,10 @@ class StoreBatch:
     def put_slru(self, kind: int, segno: int, lsn: int, data: bytes) -> None:
         """Store a version of an SLRU segment (whole pages, at most 32 of them)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+            raise InvalidArgumentType(f"data must be bytes, got {type(data).__name__}")
         if len(data) % BLCKSZ or len(data) > MAX_SLRU_SEGMENT_BYTES:
-            raise ValueError(f"data must be whole {BLCKSZ}-byte pages up to "
-                             f"{MAX_SLRU_SEGMENT_BYTES} bytes, got {len(data)}")
+            raise InvalidArgument(f"data must be whole {BLCKSZ}-byte pages up to "
+                                  f"{MAX_SLRU_SEGMENT_BYTES} bytes, got {len(data)}")
         key = _SLRU_KEY.pack(_int("kind", kind, 0, 255), _int("segno", segno, 0, MAX_UINT32),
                              _inv(self._bump(lsn)))
         self._txn.put(key, bytes(data), db=self._dbs[b"slru"])
@@ -272,11 +272,11 @@ class StoreBatch:
     def set_meta(self, meta: dict[str, Any]) -> None:
         """Store a small JSON-able record (e.g. shard, shard_count, stripe_size)."""
         if not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+            raise InvalidArgumentType(f"meta must be a dict, got {type(meta).__name__}")
         try:
             raw = json.dumps(meta, sort_keys=True).encode()
         except (TypeError, ValueError) as e:
-            raise ValueError(f"meta is not JSON-serialisable: {e}") from None
+            raise InvalidArgument(f"meta is not JSON-serialisable: {e}") from None
         self._txn.put(_META, raw, db=self._dbs[b"meta"])
 
     def _commit_last_lsn(self) -> None:
@@ -293,6 +293,8 @@ class PageStore:
 
     Safe to share between threads (LMDB readers do not block each other or the
     writer); several processes may open the same store, one of them writing.
+    Writable, it creates the directory if need be; never inside the root of a
+    sharded store (a directory with layout.json): StoreError.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE,
@@ -300,6 +302,10 @@ class PageStore:
         self.path = Path(path)
         self.readonly = bool(readonly)
         _int("map_size", map_size, 1 << 20, 1 << 46)
+        if (self.path / "layout.json").exists():  # _layout.LAYOUT_FILE
+            raise StoreError(f"{self.path} is a sharded page store (it holds layout.json), "
+                             f"not one shard's store: open a shard with "
+                             f"open_shard_store({str(self.path)!r}, shard)")
         if readonly and not (self.path / "data.mdb").exists():
             raise StoreError(f"no page store at {self.path}")
         try:

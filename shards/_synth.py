@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ._checksum import pg_checksum_pages
-from ._errors import ShardsError, StoreError
+from ._errors import InvalidArgument, ShardsError, StoreError
 from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
 from ._protocol import SLRU_PAGES_PER_SEGMENT
 from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
@@ -74,9 +74,9 @@ _REPEATS = (BLCKSZ - _BODY_OFFSET) // 8  # 1017 eight-byte words fill the page e
 def _check(rel: RelTag, blkno: int, lsn: int) -> None:
     check_reltag(rel)
     if not isinstance(blkno, int) or not 0 <= blkno <= MAX_BLOCKNO:
-        raise ValueError(f"blkno={blkno!r} is not a block number (0..{MAX_BLOCKNO})")
+        raise InvalidArgument(f"blkno={blkno!r} is not a block number (0..{MAX_BLOCKNO})")
     if not isinstance(lsn, int) or not 0 <= lsn <= MAX_LSN:
-        raise ValueError(f"lsn={lsn!r} is outside 0..{MAX_LSN}")
+        raise InvalidArgument(f"lsn={lsn!r} is outside 0..{MAX_LSN}")
 
 
 def _unsummed(rel: RelTag, blkno: int, lsn: int) -> bytes:
@@ -175,6 +175,11 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
     An existing store must have the same shard count and stripe size
     (GenerateError otherwise, and the store is left as it was); one that cannot be
     created raises StoreError.
+
+    Versions only move forward, as with import_pgdata: GenerateError (the store
+    left as it was) if the newest of ``lsns`` is below the store's last_lsn, or if
+    any of ``lsns`` below it is not one this store was already generated at.
+    Re-running at LSNs already generated rewrites the same pages, and is fine.
     """
     try:
         check_shard_params(shard_count, stripe_size)
@@ -197,6 +202,7 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
     t0 = time.monotonic()
     written = 0
     try:
+        _check_forward(stores, lsn_list, store_dir)
         bar = _progress(progress, rels * nblocks * len(lsn_list))
         for lsn in lsn_list:
             for rel in tags:
@@ -212,6 +218,24 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
              store_dir, secs)
     return {"rels": tags, "lsns": lsn_list, "nblocks": nblocks, "shard_count": shard_count,
             "stripe_size": stripe_size, "db": SYNTH_DB, "pages": written, "seconds": secs}
+
+
+def _check_forward(stores: list[Any], lsns: list[int], store_dir: Any) -> None:
+    """GenerateError unless writing at the sorted ``lsns`` keeps versions moving forward
+    (see generate_store): an LSN below the store's newest is allowed only where
+    a generation already wrote shard 0's CLOG segment, i.e. for a re-run."""
+    newest = max(st.last_lsn for st in stores)
+    if lsns[-1] < newest:
+        raise GenerateError(f"lsn {format_lsn(lsns[-1])} is below {format_lsn(newest)}, the "
+                            f"newest version in {store_dir}: versions only move forward "
+                            f"(generate at {format_lsn(newest)} or above, or into a new store)")
+    for lsn in lsns:
+        if lsn >= newest:
+            break
+        if stores[0].get_slru(0, 0, lsn) != synth_slru(0, 0, lsn):  # not generated at lsn
+            raise GenerateError(f"lsn {format_lsn(lsn)} is below {format_lsn(newest)}, the "
+                                f"newest version in {store_dir}, and was never generated "
+                                f"there: versions only move forward")
 
 
 def _progress(enabled: bool, total: int) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ._errors import InvalidArgument, InvalidArgumentType
+
 BLCKSZ = 8192
 """Size of one PostgreSQL page in bytes."""
 
@@ -55,16 +57,16 @@ class RelTag(NamedTuple):
 def check_reltag(tag: object) -> RelTag:
     """Return ``tag`` if it is a valid RelTag, else raise TypeError/ValueError naming the field."""
     if not isinstance(tag, RelTag):
-        raise TypeError(f"rel must be a RelTag, got {type(tag).__name__}")
+        raise InvalidArgumentType(f"rel must be a RelTag, got {type(tag).__name__}")
     for name in ("spc", "db", "rel"):
         v = getattr(tag, name)
         if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"RelTag.{name} must be an int, got {type(v).__name__}")
+            raise InvalidArgumentType(f"RelTag.{name} must be an int, got {type(v).__name__}")
         if not 0 <= v <= MAX_UINT32:
-            raise ValueError(f"RelTag.{name}={v} is outside 0..{MAX_UINT32}")
+            raise InvalidArgument(f"RelTag.{name}={v} is outside 0..{MAX_UINT32}")
     f = tag.fork
     if not isinstance(f, int) or isinstance(f, bool):
-        raise TypeError(f"RelTag.fork must be an int, got {type(f).__name__}")
+        raise InvalidArgumentType(f"RelTag.fork must be an int, got {type(f).__name__}")
     if not 0 <= f <= MAX_FORKNUM:
-        raise ValueError(f"RelTag.fork={f} is not a known fork (0..{MAX_FORKNUM})")
+        raise InvalidArgument(f"RelTag.fork={f} is not a known fork (0..{MAX_FORKNUM})")
     return tag

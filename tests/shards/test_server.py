@@ -350,3 +350,52 @@ def test_lifecycle(store: PageStore) -> None:
         PageServer(store, shard=2, shard_count=2)
     with pytest.raises(ValueError, match="latency"):
         PageServer(store, latency=-1)
+
+
+def test_ipc_path_of_a_live_server_is_refused_like_a_tcp_port(store: PageStore,
+                                                               tmp_path: Path) -> None:
+    """zmq's ipc bind replaces the socket file: a second server would silently take the
+    address over. It is refused instead, naming the address; the first keeps serving."""
+    sock_file = tmp_path / "srv.sock"
+    ep = f"ipc://{sock_file}"
+    with PageServer(store, bind=ep) as first:
+        second = PageServer(store, bind=ep)
+        with pytest.raises(ShardsError, match="cannot bind .*srv.sock: Address already in use"):
+            second.start()
+        second.stop()  # idempotent on a server that never started
+        cl = Client(ep)
+        try:
+            assert cl.call(cl.get([1], lsn=10)).pages == (page(REL, 1, 10),)
+        finally:
+            cl.close()
+        assert settled_stats(first, lambda st: st["requests"])["requests"] == {"GET_PAGES": 1}
+    assert not sock_file.exists()  # removed once its socket is closed
+
+
+def test_stale_ipc_socket_file_is_bound_over_and_removed(store: PageStore,
+                                                         tmp_path: Path) -> None:
+    import socket
+
+    sock_file = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sock_file))  # a socket file nobody listens on (a server that died)
+    dead.close()
+    assert sock_file.is_socket()
+    ep = f"ipc://{sock_file}"
+    with PageServer(store, bind=ep):
+        cl = Client(ep)
+        try:
+            assert cl.call(cl.get([2], lsn=10)).pages == (page(REL, 2, 10),)
+        finally:
+            cl.close()
+    assert not sock_file.exists()
+
+
+def test_stop_leaves_a_regular_file_at_an_ipc_path_alone(store: PageStore,
+                                                         tmp_path: Path) -> None:
+    """Only a socket file is removed: if something replaced it meanwhile, it stays."""
+    sock_file = tmp_path / "x.sock"
+    with PageServer(store, bind=f"ipc://{sock_file}"):
+        sock_file.unlink()
+        sock_file.write_text("not a socket")
+    assert sock_file.read_text() == "not a socket"

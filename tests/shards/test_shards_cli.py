@@ -256,3 +256,106 @@ def test_serve_names_a_bad_bind_or_latency_in_its_own_units(
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argv[0]}: " in err and words in err and "Traceback" not in err
+
+
+def test_serve_says_not_an_endpoint_once(store4: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["serve", "--store", str(store4), "--shard", "0", "--bind", "garbage"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("is not an endpoint like") == 1, err
+    assert "'garbage' is not an endpoint like tcp://127.0.0.1:6400" in err
+    with pytest.raises(SystemExit):  # a specific reason is still given, once
+        main(["serve", "--store", str(store4), "--shard", "0", "--bind", "udp://h:1"])
+    err = capsys.readouterr().err
+    assert err.count("is not an endpoint like") == 1 and "has transport 'udp'" in err, err
+
+
+# ---------------------------------------------------------------- -v, Ctrl-C
+
+def test_verbose_is_taken_after_the_command_too(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    levels: list[int] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    gen = ["generate", "--shard-count", "1", "--rels", "1", "--nblocks", "2", "--no-progress"]
+    assert main([*gen, "--store", str(tmp_path / "a"), "-v"]) == 0
+    assert main(["-v", *gen, "--store", str(tmp_path / "b")]) == 0
+    assert main([*gen, "--store", str(tmp_path / "c"), "--verbose"]) == 0
+    assert main([*gen, "--store", str(tmp_path / "d")]) == 0
+    assert levels == [logging.DEBUG] * 3 + [logging.INFO]
+    with pytest.raises(SystemExit) as ei:  # anything else unknown is still refused
+        main([*gen, "--store", str(tmp_path / "e"), "--bogus"])
+    assert ei.value.code == 2
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "import-pgdata"])
+def test_ctrl_c_is_one_line_and_status_130(tmp_path: Path, pgdata: Path, command: str,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shards._pgimport
+    import shards._synth
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards._synth, "generate_store", interrupted)
+    monkeypatch.setattr(shards._pgimport, "import_pgdata", interrupted)
+    argv = (["generate", "--shard-count", "1"] if command == "generate"
+            else ["import-pgdata", str(pgdata), "--lsn", "0/100"])
+    rc = main([*argv, "--store", str(tmp_path / "s"), "--no-progress"])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+# ---------------------------------------------------------------- versions move forward
+
+L1, L2, L3 = 0x1000000, 0x2000000, 0x3000000
+
+
+def _snapshot(store: Path, shard_count: int) -> list[tuple[int, dict, set]]:
+    out = []
+    for s in range(shard_count):
+        with open_shard_store(store, s, readonly=True) as st:
+            out.append((st.last_lsn, st.meta(), st.relations(L3)))
+    return out
+
+
+def test_generate_below_the_newest_version_is_refused(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    store = tmp_path / "s"
+    generate_store(store, 2, 4, rels=1, nblocks=8, lsns=(L1, L2))
+    before = _snapshot(store, 2)
+    rel = synth_rels(2)[1]
+    with pytest.raises(GenerateError, match="lsn 0/1000000 is below 0/2000000.*only move "
+                       "forward"):
+        generate_store(store, 2, 4, rels=2, nblocks=16, lsns=(L1,))
+    rc, err = _run(["generate", "--store", str(store), "--shard-count", "2", "--rels", "2",
+                    "--nblocks", "16", "--no-progress"], capsys)  # at 0/1000000, the default
+    assert rc == 2
+    _assert_one_line_error(err, "0/1000000", "0/2000000", str(store))
+    assert "generated" not in capsys.readouterr().out
+    # an LSN below the newest that was never generated here is refused too
+    with pytest.raises(GenerateError, match="lsn 0/1800000 is below 0/2000000.*never "
+                       "generated"):
+        generate_store(store, 2, 4, rels=2, nblocks=16, lsns=(0x1800000, L3))
+    assert _snapshot(store, 2) == before  # the store is left as it was
+    assert rel not in before[0][2]
+
+
+def test_generate_rerun_at_the_same_lsns_and_forward_still_works(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    generate_store(store, 2, 4, rels=1, nblocks=8, lsns=(L1, L2))
+    generate_store(store, 2, 4, rels=1, nblocks=8, lsns=(L1, L2))  # the same again
+    generate_store(store, 2, 4, rels=1, nblocks=8, lsns=(L2,))  # at the newest only
+    desc = generate_store(store, 2, 4, rels=1, nblocks=8, lsns=(L1, L2, L3))  # and onward
+    assert desc["lsns"][-1] == L3
+    rel = synth_rels(1)[0]
+    for lsn in (L1, L2, L3):
+        with open_shard_store(store, shard_for(rel, 5, 2, 4), readonly=True) as st:
+            assert st.get_page(rel, 5, lsn) == synth_page(rel, 5, lsn)
+            assert st.last_lsn == L3

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shards._errors import StoreError
+from shards._errors import InvalidArgument, InvalidArgumentType, ShardsError, StoreError
 from shards._layout import open_shard_store, read_layout, shard_store_path, write_layout
 from shards._store import PageStore
 from shards._types import BLCKSZ, MAX_BLOCKNO, MAX_LSN, RelTag
@@ -178,8 +178,19 @@ def test_reopen_and_readonly(tmp_path: Path) -> None:
     (lambda s: s.set_meta([1]), TypeError, "meta"),
 ])
 def test_bad_arguments(store: PageStore, call, exc, match) -> None:
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as ei:
         call(store)
+    # typed: in shards' tree, and still the ValueError/TypeError callers catch
+    assert isinstance(ei.value, ShardsError)
+    assert isinstance(ei.value, InvalidArgument if exc is ValueError else InvalidArgumentType)
+
+
+def test_trial_argument_errors_are_typed(store: PageStore) -> None:
+    with pytest.raises(InvalidArgumentType, match="rel must be a RelTag, got str"):
+        store.get_page("x", 1, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="page must be exactly 8192 bytes, got 3"):
+        store.put_page(RelTag(1, 1, 1, 0), 1, 5, b"abc")
+    assert store.last_lsn == 0  # nothing written
 
 
 def test_sharded_layout(tmp_path: Path) -> None:
@@ -194,11 +205,41 @@ def test_sharded_layout(tmp_path: Path) -> None:
         assert s.get_page(REL, 0, 1) == page(1)
     with pytest.raises(ValueError, match="shard"):
         open_shard_store(tmp_path, 3)
+    with pytest.raises(InvalidArgument, match=r"shard=5 is outside 0\.\.2"):
+        open_shard_store(tmp_path, 5)
+    with pytest.raises(InvalidArgumentType, match="shard must be an int"):
+        open_shard_store(tmp_path, "0")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shard_count"):
         write_layout(tmp_path, 0, 256)
     (tmp_path / "layout.json").write_text("{broken")
     with pytest.raises(StoreError, match="layout.json"):
         read_layout(tmp_path)
+
+
+def test_a_path_that_is_not_a_sharded_store_is_never_created(tmp_path: Path) -> None:
+    """A mistyped store path is reported (as LocalCluster and serve report it), not
+    silently made an empty store, read-only or not."""
+    missing = tmp_path / "no" / "such" / "store"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in (missing, empty):
+        for readonly in (False, True):
+            with pytest.raises(StoreError, match="is not a sharded page store"):
+                open_shard_store(where, 0, readonly=readonly)
+    assert not (tmp_path / "no").exists()
+    assert list(empty.iterdir()) == []
+
+
+def test_a_sharded_store_root_is_not_a_page_store(tmp_path: Path) -> None:
+    write_layout(tmp_path, 2, 16)
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="sharded page store .*open_shard_store"):
+            PageStore(tmp_path, readonly=readonly, map_size=SMALL_MAP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout.json"]  # no data.mdb
+    with open_shard_store(tmp_path, 1, map_size=SMALL_MAP) as s:  # its shards still open
+        s.put_page(REL, 0, 1, page(1))
+    with open_shard_store(tmp_path, 1, readonly=True, map_size=SMALL_MAP) as s:
+        assert s.last_lsn == 1
 
 
 # ---------------------------------------------------------------- crash safety
