@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 def main(argv: list[str] | None = None) -> int:
     from . import _demo, _server
+    from ._errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m comm",
                                      description="pagecomm: the communicator")
@@ -46,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except ConfigError as e:  # e.g. a COMM_* variable (the message names it): one line
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taking the Ctrl-C path (every clean-up catches KeyboardInterrupt)."""
+    """SIGTERM, taking the Ctrl-C path (every clean-up catches KeyboardInterrupt).
+    Commands let it propagate (after their clean-up) so that main() exits 143, not 130."""
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Settings: one frozen dataclass; ``from_env()`` is the only reader of ``os.environ``."""
+"""Settings: one frozen dataclass; ``from_env()`` (and ``env_settings()``, which lists
+what it would read) are the only readers of ``os.environ``."""
 
 from __future__ import annotations
 
@@ -103,6 +104,19 @@ class CommConfig:
             kw[f.name] = _parse(f.name, name, raw.strip())
         kw.update(overrides)
         return cls(**kw)  # type: ignore[arg-type]
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``COMM_*`` variables ``CommConfig.from_env()`` reads that are set (not blank),
+    with their raw values, in field order: for a command that applies only some of them
+    and names the others (``python -m comm demo`` / ``bench``)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(CommConfig):
+        name = ENV_PREFIX + f.name.upper()
+        if f.repr and env.get(name, "").strip():
+            out[name] = env[name]
+    return out
 
 
 def _positive(cfg: CommConfig, attr: str, env: str, lo: int, hi: int) -> None:

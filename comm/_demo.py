@@ -5,18 +5,26 @@ loads it from a real PostgreSQL cluster (initdb --data-checksums + pgbench -i)
 when the binaries are installed, or from generated pages otherwise, then reads
 every page back through ONE communicator from many backend threads scanning
 with prefetch, verifies every page (bytes and PostgreSQL checksum), and prints
-a short report. Everything it started is stopped and removed, also on Ctrl-C.
+a short report. Everything it started is stopped and removed, also on Ctrl-C or
+SIGTERM: every temporary directory (the PostgreSQL cluster's too) is created and its
+removal armed in one step (``temp_dir``), so no interrupt falls between the two.
+
+Tuning comes from the ``COMM_*`` variables (docs/tuning.md), read and checked before
+anything starts (a bad value: one-line error, exit 2), except those that describe
+page servers: the demo starts its own (``NOT_APPLIED``; a note names any that are set).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +42,21 @@ from shards._pgimport import relation_path
 from shards._synth import MAX_RELS, MAX_SHARD_COUNT, generate_store, synth_pages
 
 from ._communicator import Communicator
-from ._config import CommConfig
-from ._errors import CommClosed, CommError
+from ._config import CommConfig, env_settings
+from ._errors import CommClosed, CommError, ConfigError
 
 Expected = Callable[[RelTag, int, int], bytes]  # (rel, start, end) -> the blocks' bytes
 SEGMENT_BLOCKS = 131072
 MAX_SHARDS = MAX_SHARD_COUNT  # shards.check_shard_params and COMM_SHARDS: 1..255
+PROG = "python -m comm demo"
+# the COMM_* variables the demo reads but does not apply: they describe page servers,
+# and it starts its own (its store's stripe size, no CURVE keys)
+NOT_APPLIED = ("COMM_SHARDS", "COMM_STRIPE_SIZE", "COMM_CURVE_SECRET", "COMM_CURVE_SERVER_KEY")
+ENV_HELP = ("Tuning: the COMM_* variables of docs/tuning.md (threads per shard, in-flight "
+            "windows, slots, prefetch buffer, timeouts, checksums, metrics), checked before "
+            "anything starts; not applied: " + ", ".join(NOT_APPLIED) + " (the demo starts "
+            "its own page servers). --prefetch is the scans' distance, not "
+            "COMM_PREFETCH_PAGES.")
 
 
 def int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -58,7 +75,8 @@ def int_arg(lo: int, hi: int | None = None) -> Callable[[str], int]:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("demo", help="embedded cluster + real or generated data, verified reads")
+    p = sub.add_parser("demo", help="embedded cluster + real or generated data, verified reads",
+                       epilog=ENV_HELP)
     p.add_argument("--source", choices=("auto", "pg", "synth"), default="auto",
                    help="auto: PostgreSQL if its binaries are installed, else generated pages")
     p.add_argument("--shards", type=int_arg(1, MAX_SHARDS), default=4)
@@ -75,31 +93,82 @@ def add_cli(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="pagecomm-demo-"))
-    pg = None
+    try:  # before anything starts
+        env = env_config(PROG, NOT_APPLIED, "the demo starts its own page servers")
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    # the clean-ups, run last-armed first on any exit; Ctrl-C and SIGTERM propagate to
+    # main(), which exits 130 or 143 once they have run
+    with contextlib.ExitStack() as stack:
+        try:
+            work = temp_dir(stack, "pagecomm-demo-")
+            expected, label = _load(args, work, stack)
+            layout = read_layout(work / "store")
+            lsn, rels = _relations(work / "store")
+            total = sum(n for _, n in rels)
+            print(f"source: {label}; {len(rels)} relation forks, {total} pages, "
+                  f"{layout['shard_count']} shards (stripe {layout['stripe_size']})")
+            with LocalCluster(work / "store") as cluster:
+                print("page servers:", ", ".join(cluster.endpoints))
+                cfg = env.replace(shards=tuple(cluster.endpoints),
+                                  stripe_size=layout["stripe_size"],
+                                  curve_secret=None, curve_server_key=None)
+                report = _read_all(args, cfg, lsn, rels, expected, total)
+        except KeyboardInterrupt:
+            print("\nstopping: cleaning up", file=sys.stderr)
+            raise
+    _print_report(report)
+    return 0 if report["wrong"] == 0 and report["errors"] == 0 else 1
+
+
+def env_config(prog: str, not_applied: Collection[str] | None, why: str) -> CommConfig:
+    """``CommConfig.from_env()`` for a command, called before it starts anything: a bad
+    ``COMM_*`` value raises ConfigError naming the variable. A note on stderr names the
+    variables that are set but that the command does not apply (None: it applies none)."""
+    cfg = CommConfig.from_env()
+    unused = [v for v in env_settings() if not_applied is None or v in not_applied]
+    if unused:
+        print(f"{prog}: not applying {', '.join(unused)} ({why})", file=sys.stderr)
+    return cfg
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends, then delivered to the handlers
+    in place before it: for creating a temporary directory or a child process and arming
+    its clean-up in one step, so that no interrupt falls between the two. Keep the block
+    short. Main thread only (elsewhere, and with a handler not set from Python: no-op)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    if threading.current_thread() is not threading.main_thread() or \
+            any(h is None for h in old.values()):
+        yield
+        return
+    held: list[int] = []
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: held.append(signum))
     try:
-        pg, expected, label = _load(args, work)
-        layout = read_layout(work / "store")
-        lsn, rels = _relations(work / "store")
-        total = sum(n for _, n in rels)
-        print(f"source: {label}; {len(rels)} relation forks, {total} pages, "
-              f"{layout['shard_count']} shards (stripe {layout['stripe_size']})")
-        with LocalCluster(work / "store") as cluster:
-            print("page servers:", ", ".join(cluster.endpoints))
-            report = _read_all(args, cluster.endpoints, layout, lsn, rels, expected, total)
-        _print_report(report)
-        return 0 if report["wrong"] == 0 and report["errors"] == 0 else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: cleaning up", file=sys.stderr)
-        return 130
+        yield
     finally:
-        if pg is not None:
-            pg.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)  # its handler runs (and may raise) here
 
 
-def _load(args: argparse.Namespace, work: Path) -> tuple[Any, Expected, str]:
-    """Fill ``work/store``; returns (pg cluster or None, expected-page function, label)."""
+def temp_dir(stack: contextlib.ExitStack, prefix: str) -> Path:
+    """A new temporary directory whose removal ``stack`` runs, armed as it is created."""
+    with deferred_interrupts():
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        stack.callback(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _load(args: argparse.Namespace, work: Path,
+          stack: contextlib.ExitStack) -> tuple[Expected, str]:
+    """Fill ``work/store``; returns (expected-page function, label). A PostgreSQL
+    cluster's clean-up goes on ``stack``."""
     from shards import _pgcluster
 
     use_pg = args.source == "pg" or (args.source == "auto"
@@ -108,14 +177,20 @@ def _load(args: argparse.Namespace, work: Path) -> tuple[Any, Expected, str]:
         desc = generate_store(work / "store", args.shards, rels=args.rels,
                               nblocks=args.nblocks, progress=not args.no_progress)
         lsn = max(desc["lsns"])
-        return None, lambda rel, a, b: b"".join(synth_pages(rel, range(a, b), lsn)), \
+        return lambda rel, a, b: b"".join(synth_pages(rel, range(a, b), lsn)), \
             "generated pages"
     print(f"creating a PostgreSQL cluster (initdb --data-checksums, pgbench -i -s {args.scale})")
-    pg = _pgcluster.make_pgbench_cluster(scale=args.scale)  # its own dir: postgres-owned
+    # its own directory (postgres-owned when we are root) inside one of ours, whose
+    # removal is armed first: an interrupt may come before make_pgbench_cluster returns
+    # the cluster (it stops its server itself then) or before pg.cleanup is armed
+    pgroot = temp_dir(stack, "pagecomm-demo-pg-")
+    pgroot.chmod(0o711)  # as root, PostgreSQL runs as 'postgres': it must reach its dir
+    pg = _pgcluster.make_pgbench_cluster(scale=args.scale, base_dir=pgroot)
+    stack.callback(pg.cleanup)  # stops the server (if running) and removes its directory
     res = import_pgdata(pg.pgdata, work / "store", shard_count=args.shards,
                         progress=not args.no_progress)
     print(f"imported {res.pages_written} pages at LSN {res.lsn >> 32:X}/{res.lsn & 0xFFFFFFFF:X}")
-    return pg, _file_reader(Path(pg.pgdata)), f"PostgreSQL 15 pgbench scale {args.scale}"
+    return _file_reader(Path(pg.pgdata)), f"PostgreSQL 15 pgbench scale {args.scale}"
 
 
 def _file_reader(pgdata: Path) -> Expected:
@@ -160,14 +235,15 @@ class _Progress:
             self.bar.close()
 
 
-def _read_all(args: argparse.Namespace, endpoints: list[str], layout: dict[str, Any], lsn: int,
+def _read_all(args: argparse.Namespace, cfg: CommConfig, lsn: int,
               rels: list[tuple[RelTag, int]], expected: Expected, total: int) -> dict[str, Any]:
     work = _split(rels, args.backends)
-    cfg = CommConfig(shards=tuple(endpoints), stripe_size=layout["stripe_size"],
-                     request_timeout=30.0)
-    bar = _Progress(total, not args.no_progress)
     results: list[dict[str, Any]] = []
     with Communicator(config=cfg) as c:
+        if c.metrics_port is not None:  # COMM_METRICS_PORT
+            host = f"[{cfg.metrics_addr}]" if ":" in cfg.metrics_addr else cfg.metrics_addr
+            print(f"metrics: http://{host}:{c.metrics_port}/metrics")
+        bar = _Progress(total, not args.no_progress)
         threads = [threading.Thread(target=_scan, name=f"demo-backend{i}",
                                     args=(c, part, lsn, args.prefetch, expected, bar, results))
                    for i, part in enumerate(work)]

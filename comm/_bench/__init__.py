@@ -12,19 +12,23 @@ backend threads; (d) ``proc`` (opt-in): pagecomm as ``python -m comm serve`` wit
 backend PROCESSES. Results go to a table on stdout, ``results.json`` and two PNG
 plots in ``--out``; the issue's targets and the process-vs-thread ratios are
 computed from cells of this one run.
+
+The ``COMM_*`` variables are read and checked before anything starts (a bad value:
+one-line error, exit 2) but never applied: every design, proc's ``comm serve``
+included, is configured from the flags alone, so the designs are compared alike
+(``ENV_HELP``; a note on stderr names any that are set).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
 import platform
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +38,8 @@ from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST
 from shards._server import MAX_WAIT_SECONDS
 
 from .._config import INT_RANGES, CommConfig
-from .._demo import MAX_RELS, MAX_SHARDS, int_arg
+from .._demo import MAX_RELS, MAX_SHARDS, env_config, int_arg, temp_dir
+from .._errors import ConfigError
 from . import _report
 from ._pagecomm import prefetch_buffer_pages
 from ._setup import Dataset, Params
@@ -59,6 +64,10 @@ MAX_LATENCY_MS = MAX_WAIT_SECONDS * 1000  # what a page server accepts, in ms
 QUICK: dict[str, Any] = {"backends": [2], "shards": 2, "duration": 0.3, "latency_ms": [0.0],
          "pages_per_rel": 1024, "rels": 4}
 PLAIN: dict[str, Any] = {"shards": 4, "duration": 3.0, "rels": 8, "pages_per_rel": 16384}
+ENV_HELP = ("COMM_* variables (docs/tuning.md) are checked before anything starts (a bad "
+            "value is an error, exit 2) but not applied: every design, proc's comm serve "
+            "included, is configured from these flags alone, so the designs are compared "
+            "alike.")
 
 
 def _items(text: str) -> list[str]:
@@ -184,7 +193,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comm bench")
+    p = argparse.ArgumentParser(prog="python -m comm bench", epilog=ENV_HELP)
     _configure(p)
     return p
 
@@ -192,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
 def add_cli(subparsers: Any) -> None:
     """Register ``bench`` on ``python -m comm``'s sub-commands."""
     p = subparsers.add_parser("bench", help="benchmark: raw ceiling vs old design vs pagecomm",
-                              description=__doc__.split("\n\n")[0] if __doc__ else None)
+                              description=__doc__.split("\n\n")[0] if __doc__ else None,
+                              epilog=ENV_HELP)
     _configure(p)
     p.set_defaults(func=functools.partial(run_cli, parser=p))
 
@@ -251,6 +261,11 @@ def _check(args: argparse.Namespace, p: Params, parser: argparse.ArgumentParser)
 
 def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     parser = parser or _parser()
+    try:  # before anything starts
+        env_config(parser.prog, None, "the bench configures every design from its flags")
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     if args.chaos is not None:
         return _chaos_cli(args)
     _defaults(args)
@@ -308,13 +323,11 @@ def _write(args: argparse.Namespace, doc: dict[str, Any],
 def _chaos_cli(args: argparse.Namespace) -> int:
     from ._chaos import run_chaos
 
-    root = Path(tempfile.mkdtemp(prefix="pagecomm-chaos-"))
-    try:
+    with contextlib.ExitStack() as stack:
+        root = temp_dir(stack, "pagecomm-chaos-")
         r = run_chaos(root, shards=args.shards or PLAIN["shards"],
                       backends=(args.backends or [32])[0],
                       seconds=args.chaos)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     calls = r["calls"]
     print("chaos soak: " + ", ".join(f"{k}={v}" for k, v in sorted(calls.items())))
     print(f"faults injected: {r['faults']}; retries {r['retries']}, resets {r['resets']}, "
@@ -343,14 +356,15 @@ def _run(args: argparse.Namespace, p: Params) -> list[dict[str, Any]]:
     plan = _plan(args)
     progress = not args.no_progress
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(plan) * len(args.latency_ms), unit="cell", desc="bench",
-                   file=sys.stderr)
-    root = Path(tempfile.mkdtemp(prefix="pagecomm-bench-"))
     cells: list[dict[str, Any]] = []
-    try:
+    with contextlib.ExitStack() as stack:  # clean-ups, last armed first, also on Ctrl-C
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan) * len(args.latency_ms), unit="cell", desc="bench",
+                       file=sys.stderr)
+            stack.callback(bar.close)
+        root = temp_dir(stack, "pagecomm-bench-")
         ds = Dataset(root, p, progress=False)
         for lat in args.latency_ms:
             with ds.cluster(lat) as cluster:
@@ -363,8 +377,4 @@ def _run(args: argparse.Namespace, p: Params) -> list[dict[str, Any]]:
                     if bar is not None:
                         bar.set_postfix_str(f"{res['pages_per_s']:,.0f} pages/s")
                         bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-        shutil.rmtree(root, ignore_errors=True)
     return cells

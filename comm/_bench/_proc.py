@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 One cell starts ONE ``python -m comm serve`` subprocess (its own session, stderr
 to a file) against the cell's LocalCluster, configured like pagecomm's in-process
-Communicator through ``COMM_*`` variables, and N backend processes with
+Communicator through ``COMM_*`` variables (``serve_env``: the bench's values only;
+none inherited from the caller's environment), and N backend processes with
 multiprocessing's 'spawn' context. Each backend process ``comm.attach()``es,
 wraps the handle in the same :class:`PagecommBackend` the thread design uses and
 runs the same loops (``_workloads._random`` / ``_scan``), so only the process
@@ -17,14 +18,19 @@ their tallies (latencies as raw doubles) back on the queue and exit.
 CPU is the sum of the bench process (getrusage RUSAGE_SELF), the comm serve
 process and every backend process (/proc/<pid>/stat utime+stime), each sampled
 at the start and the end of the timed window. Every process is cleaned up in a
-``finally`` (stop flag, then terminate/kill; SIGTERM then kill for comm serve);
-children ignore SIGINT, so Ctrl-C reaches only the parent, which cleans up, and
-a child whose parent vanished exits on its own. Connections are the comm serve
+``finally`` (stop flag, then terminate/kill; SIGTERM then kill for comm serve;
+then the temporary directory of its ipc endpoint), each step even if an earlier
+one failed. That directory is created, and comm serve started, only inside
+``__enter__``'s armed clean-up and with interrupts deferred until the object
+holds them (``deferred_interrupts``), so Ctrl-C or SIGTERM at any moment leaves
+nothing behind. Children ignore SIGINT, so Ctrl-C reaches only the parent, which
+cleans up, and a child whose parent vanished exits on its own. Connections are the comm serve
 process's ``stats()["connections"]``, read by a control handle of the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -38,12 +44,15 @@ import threading
 import time
 import types
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from shards import LocalCluster, RelTag
 
+from .._config import ENV_PREFIX
+from .._demo import deferred_interrupts
 from ._pagecomm import PagecommBackend, prefetch_buffer_pages
 from ._setup import (
     COPIES_PER_PAGE,
@@ -165,13 +174,27 @@ def proc_phase(roles: list[str], ds: Dataset, cluster: LocalCluster,
     return res
 
 
+def serve_env(environ: Mapping[str, str], endpoints: list[str], stripe: int, p: Params,
+              backends: int) -> dict[str, str]:
+    """comm serve's environment: ``environ`` without its ``COMM_*`` variables (the bench
+    applies none: the thread design's Communicator gets none either), plus the cell's."""
+    env = {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({"COMM_SHARDS": ",".join(endpoints), "COMM_STRIPE_SIZE": str(stripe),
+                "COMM_THREADS_PER_SHARD": str(p.threads_per_shard),
+                "COMM_INFLIGHT_PER_CONN": str(p.inflight),
+                "COMM_INFLIGHT_PAGES_PER_CONN": str(p.inflight_pages),
+                "COMM_PREFETCH_PAGES": str(prefetch_buffer_pages(p, backends))})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_PARENT, env.get("PYTHONPATH")]))
+    return env
+
+
 class _ProcCell:
     """The comm serve process, the backend processes and their queue (parent only)."""
 
     def __init__(self, ds: Dataset, cluster: LocalCluster, p: Params, n: int) -> None:
         self.ds, self.cluster, self.p, self.n = ds, cluster, p, n
-        self.dir = Path(tempfile.mkdtemp(prefix="pagecomm-proc-"))
-        self.endpoint = f"ipc://{self.dir}/comm.ipc"
+        self.dir: Path | None = None  # created in __enter__, where close() is armed
+        self.endpoint = ""
         self.serve: subprocess.Popen[bytes] | None = None
         self._err: IO[bytes] | None = None
         self.ctl: Any = None
@@ -182,6 +205,9 @@ class _ProcCell:
 
     def __enter__(self) -> _ProcCell:
         try:
+            with deferred_interrupts():  # no interrupt between mkdtemp and self.dir
+                self.dir = Path(tempfile.mkdtemp(prefix="pagecomm-proc-"))
+            self.endpoint = f"ipc://{self.dir}/comm.ipc"
             self._start_serve()
         except BaseException:
             self.close()
@@ -194,19 +220,15 @@ class _ProcCell:
     def _start_serve(self) -> None:
         from .. import attach
 
-        p, ds = self.p, self.ds
-        env = {**os.environ, "COMM_SHARDS": ",".join(self.cluster.endpoints),
-               "COMM_STRIPE_SIZE": str(ds.stripe),
-               "COMM_THREADS_PER_SHARD": str(p.threads_per_shard),
-               "COMM_INFLIGHT_PER_CONN": str(p.inflight),
-               "COMM_INFLIGHT_PAGES_PER_CONN": str(p.inflight_pages),
-               "COMM_PREFETCH_PAGES": str(prefetch_buffer_pages(p, self.n))}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_PARENT, env.get("PYTHONPATH")]))
+        env = serve_env(os.environ, self.cluster.endpoints, self.ds.stripe, self.p, self.n)
         self._err = tempfile.TemporaryFile(prefix="comm-serve-stderr-")
-        self.serve = subprocess.Popen(
-            [sys.executable, "-m", "comm", "serve", "--listen", self.endpoint],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env,
-            start_new_session=True)
+        # an interrupt inside Popen, after the fork, would lose the child (its own session:
+        # no signal of ours reaches it) and leave it serving in the directory
+        with deferred_interrupts():
+            self.serve = subprocess.Popen(
+                [sys.executable, "-m", "comm", "serve", "--listen", self.endpoint],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env,
+                start_new_session=True)
         self._await_ready()
         self.ctl = attach(self.endpoint, slots=1)
 
@@ -297,11 +319,19 @@ class _ProcCell:
         return [got[i] for i in sorted(got)]
 
     def close(self) -> None:
-        """Stop and reap every process (safe twice, also after errors or Ctrl-C)."""
+        """Stop and reap every process, then remove the directory (safe twice, also after
+        errors or Ctrl-C); every step runs even if an earlier one raised."""
         self.stop.set()
         self.go.set()
-        if self.ctl is not None:
-            self.ctl.close()
+        with contextlib.ExitStack() as steps:  # run last-registered first
+            steps.callback(self._remove_dir)
+            steps.callback(self._stop_serve)
+            steps.callback(self._stop_children)
+            if self.ctl is not None:
+                ctl, self.ctl = self.ctl, None
+                steps.callback(ctl.close)
+
+    def _stop_children(self) -> None:
         deadline = time.monotonic() + 10
         for c in self.children:
             c.join(max(0.0, deadline - time.monotonic()))
@@ -315,18 +345,26 @@ class _ProcCell:
         self.children = []
         self.out.close()
         self.out.cancel_join_thread()
-        if self.serve is not None:
-            if self.serve.poll() is None:
-                self.serve.send_signal(signal.SIGTERM)
-                try:
-                    self.serve.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.serve.kill()
-                    self.serve.wait(10)
-            if self.serve.stdout is not None:
-                self.serve.stdout.close()
-            self.serve = None
-        if self._err is not None:
-            self._err.close()
-            self._err = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_serve(self) -> None:
+        try:
+            if self.serve is not None:
+                if self.serve.poll() is None:
+                    self.serve.send_signal(signal.SIGTERM)
+                    try:
+                        self.serve.wait(10)
+                    except subprocess.TimeoutExpired:
+                        self.serve.kill()
+                        self.serve.wait(10)
+                if self.serve.stdout is not None:
+                    self.serve.stdout.close()
+                self.serve = None
+        finally:
+            if self._err is not None:
+                self._err.close()
+                self._err = None
+
+    def _remove_dir(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

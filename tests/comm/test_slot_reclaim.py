@@ -159,7 +159,7 @@ def test_keyboard_interrupt_in_a_wait_gives_the_slot_back() -> None:
                                                   config=_cfg(slots_per_backend=4)) as c:
             s.delay = 0.05
             with c.backend() as be:
-                for i, call in enumerate([lambda: be.get_page(REL, 1, lsn=100),
+                for call in ([lambda: be.get_page(REL, 1, lsn=100),
                                           lambda: be.get_pages(REL, range(40), lsn=100),
                                           lambda: be.nblocks(REL, lsn=100)] * 3):
                     signal.setitimer(signal.ITIMER_REAL, 0.01)
