@@ -11,7 +11,7 @@ from shards import _cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import _demo, _server
+    from . import _demo, _serve_cli
     from ._errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m comm",
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(*_cli.VERBOSE, action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo.add_cli(sub)
-    _server.add_cli(sub)
+    _serve_cli.add_cli(sub)
     try:
         from . import _bench
     except ImportError as e:  # matplotlib & co are the 'bench' extra

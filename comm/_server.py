@@ -21,15 +21,12 @@ abandoned, their segment unlinked at once and unmapped when the last part lands.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import errno
 import json
 import logging
 import os
-import signal
 import stat
-import sys
 import threading
 import time
 from multiprocessing import shared_memory
@@ -490,38 +487,3 @@ class _Submitter:
 
     def _submit(self, job: Any, w: Any) -> None:
         self._server._submit(job, w)
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the communicator as its own process for backend "
-                                     "processes (shards and tuning from COMM_* variables)")
-    p.add_argument("--listen", required=True, help="endpoint for backends, e.g. ipc:///tmp/c")
-    p.set_defaults(func=serve_main)
-
-
-def serve_main(args: argparse.Namespace) -> int:
-    from ._communicator import Communicator
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        comm = Communicator.from_env()
-    except CommError as e:  # a COMM_* variable: the message names it
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    server = CommServer(comm, args.listen)
-    try:
-        server.start()
-        print(f"READY {server.endpoint}", flush=True)
-        while not stop.wait(0.5):
-            pass
-    except CommError as e:  # e.g. --listen names an endpoint that cannot be bound
-        print(f"error: --listen: {e}", file=sys.stderr)
-        return 2
-    finally:
-        server.stop()
-        comm.close()
-        server.release()
-    print("stopped", file=sys.stderr)
-    return 0
