@@ -71,7 +71,7 @@ def _remove_stale_rings() -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
-        except OSError:
+        except (OSError, OverflowError):  # not ours to judge (another user's, a huge pid)
             pass
 
 
@@ -283,9 +283,10 @@ class ProcBackend:
         return {"slots": self.slots, "slots_in_use": self.slots - len(self._free)}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (f"<ProcBackend {getattr(self, 'name', '?')} {state} slots={self.slots} "
-                f"in_use={self.stats()['slots_in_use'] if hasattr(self, '_free') else 0}>")
+        state = "closed" if getattr(self, "_closed", True) else "open"
+        in_use = self.stats()["slots_in_use"] if hasattr(self, "_free") else 0
+        return (f"<ProcBackend {getattr(self, 'name', '?')} {state} "
+                f"slots={getattr(self, 'slots', 0)} in_use={in_use}>")
 
     def close(self) -> None:
         """Detach (safe twice). Call from the owning thread."""

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
+from shards._types import MAX_FORKNUM
+from shards._types import MAX_UINT32 as _U32
 from shards.protocol import Kind, RequestClass, SlruKind
 
-from ._doorbell import Doorbells, must_ring
+from ._doorbell import Doorbells, hand_over, must_ring
 from ._errors import (
     Cancelled,
     CommClosed,
@@ -56,6 +58,13 @@ if TYPE_CHECKING:
 _NORMAL = int(RequestClass.NORMAL)
 _GET_PAGES = int(Kind.GET_PAGES)
 _PREFETCH = int(RequestClass.PREFETCH)
+
+
+def _plain_rel(spc: Any, db: Any, rel: Any, fork: Any) -> bool:
+    """A RelTag's fields are plain ints in range (the hot path's check_rel)."""
+    return (type(spc) is int and type(db) is int and type(rel) is int and type(fork) is int
+            and 0 <= spc <= _U32 and 0 <= db <= _U32 and 0 <= rel <= _U32
+            and 0 <= fork <= MAX_FORKNUM)
 
 
 class Backend:
@@ -94,9 +103,11 @@ class Backend:
                   timeout: float | None, t0: float) -> bytes:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        # validated on every call: a cache of valid tags would let RelTag(1663.0, ...),
-        # equal to and hashed as RelTag(1663, ...), through to the wire encoder
-        check_rel(rel)
+        # checked on every call (a cache of valid tags would let RelTag(1663.0, ...),
+        # equal to and hashed as RelTag(1663, ...), through to the wire encoder); the
+        # common case inline, anything else by check_rel, which names the problem
+        if type(rel) is not RelTag or not _plain_rel(*rel):
+            check_rel(rel)
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = t0 + check_timeout(timeout, self._timeout)
         counts = self._counts
@@ -342,10 +353,17 @@ class Backend:
         """One metadata request; these are served by shard 0."""
         t0 = time.monotonic()
         deadline = t0 + check_timeout(timeout, self._timeout)
-        slot = self._take_slot(deadline)
-        slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
-        self._submit_slot(slot, self._comm._map.worker_for(0, self.id))
-        result = self._wait(slot, deadline)
+        while True:
+            slot = self._take_slot(deadline)
+            m = self._comm._map
+            slot.arm(kind, _NORMAL, rel, (), lsn, nms, deadline, 0, extra)
+            self._submit_slot(slot, m.worker_for(0, self.id))
+            try:
+                result = self._wait(slot, deadline)
+                break
+            except WrongShard:
+                if self._comm._map is m:
+                    raise  # the map it was sent on holds: a real error
         self._latency.observe(kind, _NORMAL, time.monotonic() - t0)
         return result
 
@@ -367,8 +385,12 @@ class Backend:
             if self._free:
                 return self._slots[self._free.pop()]
             if self._orphans:
-                still = [s for s in self._orphans if s.state != SlotState.FREE]
-                self._free.extend(s.index for s in self._orphans if s.state == SlotState.FREE)
+                still: list[Slot] = []
+                for s in self._orphans:  # one read of each state: a worker may free it
+                    if s.state == SlotState.FREE:
+                        self._free.append(s.index)
+                    else:
+                        still.append(s)
                 self._orphans = still
                 if self._free:
                     continue
@@ -382,7 +404,8 @@ class Backend:
     def _submit(self, job: Any, w: Any) -> None:
         """Hand a job to worker ``w``: append to its inbox, and ring its doorbell only
         if it may be sleeping (see comm/_worker.py)."""
-        w.inbox.append(job)
+        if not hand_over(w, job):
+            return  # the worker had stopped: the job has failed (WrongShard or CommClosed)
         if must_ring(w, job) and not self._ring(w):
             if self._closed or self._comm._closed:
                 raise CommClosed(f"{self.name} is closed; cannot reach the shard workers")
@@ -480,7 +503,7 @@ class Backend:
                               and i not in moved]
                 else:
                     first = first or e
-            except BaseException as e:
+            except Exception as e:  # (a KeyboardInterrupt goes at once: the slot is given up)
                 first = first or e
         if first is not None:
             raise first

@@ -30,6 +30,8 @@ from typing import Any
 from shards import MAX_BLOCKS_PER_REQUEST
 from shards.protocol import Kind, RequestClass
 
+from ._slot import settle
+
 _NORMAL, _GET_PAGES = int(RequestClass.NORMAL), int(Kind.GET_PAGES)
 
 
@@ -60,12 +62,12 @@ class Batch:
     def complete(self, pages: Sequence[bytes]) -> bool:
         idx = self._index
         for m in self.members:
-            m.complete([pages[idx[b]] for b in m.blocks])
+            settle(m.complete, [pages[idx[b]] for b in m.blocks])
         return True
 
     def fail(self, error: BaseException) -> bool:
         for m in self.members:
-            m.fail(error)
+            settle(m.fail, error)
         return True
 
     def complete_except(self, pages: Sequence[bytes], bad: set[int],
@@ -74,9 +76,9 @@ class Batch:
         idx = self._index
         for m in self.members:
             if bad.intersection(m.blocks):
-                m.fail(error)
+                settle(m.fail, error)
             else:
-                m.complete([pages[idx[b]] for b in m.blocks])
+                settle(m.complete, [pages[idx[b]] for b in m.blocks])
 
     def describe(self) -> dict[str, Any]:
         d = self.members[0].describe()

@@ -246,8 +246,11 @@ class Communicator:
         if not eps or not all(isinstance(e, str) and "://" in e for e in eps):
             raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
                               f"{endpoints!r}")
-        if stripe_size is not None and (type(stripe_size) is not int or stripe_size < 1):
-            raise ConfigError(f"stripe_size must be a positive int, got {stripe_size!r}")
+        if stripe_size is not None:
+            if isinstance(stripe_size, bool) or not hasattr(stripe_size, "__index__") or \
+                    stripe_size.__index__() < 1:
+                raise ConfigError(f"stripe_size must be a positive int, got {stripe_size!r}")
+            stripe_size = stripe_size.__index__()
         for ep in eps:
             why = endpoint_problem(ep)
             if why is not None:
@@ -280,10 +283,14 @@ class Communicator:
         grace = max(_RETIRE_GRACE, 2 * self.config.request_timeout)
         now = time.monotonic()
         with self._lock:
-            done = [w for t, w in self._retired if now - t >= grace and not w.inbox
-                    and not w.stats.inflight and not w.stats.queued]
+            # idle: asleep with nothing in flight (its stats are current then), nothing
+            # queued or handed over; a job that still comes is refused (hand_over)
+            done = [w for t, w in self._retired if now - t >= grace and w.idle
+                    and not w.inbox and not w.stats.queued]
             gone = {id(w) for w in done}
             self._retired = [(t, w) for t, w in self._retired if id(w) not in gone]
+        for w in done:
+            w.retired = True
         self._stop_workers(done)
 
     # ------------------------------------------------------------ prefetch

@@ -15,8 +15,36 @@ import zmq
 
 from shards.protocol import RequestClass
 
+from ._errors import CommClosed, CommError, WrongShard
+from ._slot import settle
+
 DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _NORMAL = int(RequestClass.NORMAL)  # a foreground read
+
+
+def stop_error(w: Any) -> CommError:
+    """What a job left with a stopped worker fails with: WrongShard if the worker was
+    retired (its shard map was replaced: the caller reads again on the new map),
+    CommClosed if the communicator is closing."""
+    if w.retired:
+        return WrongShard(f"{w.name} has stopped: its shard map was replaced")
+    return CommClosed("the communicator is closed")
+
+
+def hand_over(w: Any, job: Any) -> bool:
+    """Append ``job`` to worker ``w``'s inbox. False if ``w`` has stopped and the job
+    was failed here. The worker sets ``stopped`` before it drains its inbox (one
+    popleft at a time), and we append before we look: either it takes the job and
+    fails it, or we take it back and fail it, never both."""
+    w.inbox.append(job)
+    if w.stopped:
+        try:
+            w.inbox.remove(job)
+        except ValueError:  # the stopping worker has it
+            return True
+        settle(job.fail, stop_error(w))
+        return False
+    return True
 
 
 def must_ring(w: Any, job: Any) -> bool:
@@ -37,7 +65,8 @@ class Doorbells:
 
     def submit(self, job: Any, w: Any) -> bool:
         """Hand ``job`` to ``w``; False if its doorbell could not be rung."""
-        w.inbox.append(job)
+        if not hand_over(w, job):
+            return True  # failed already: nothing to ring for
         return not must_ring(w, job) or self.ring(w)
 
     def ring(self, w: Any) -> bool:

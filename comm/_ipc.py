@@ -37,6 +37,7 @@ from ._errors import (
     RequestTimeout,
     ServerError,
     ShardUnavailable,
+    WrongShard,
 )
 
 PAGES_PER_SLOT = MAX_BLOCKS_PER_REQUEST
@@ -61,7 +62,7 @@ RING_BYTES = _RING.size
 # completion status codes <-> the exception raised in the backend process
 _ERRORS: list[type[CommError]] = [CommError, PageNotFound, RelationNotFound, NotFound,
                                   InvalidRequest, ServerError, ShardUnavailable,
-                                  RequestTimeout, Cancelled, CommClosed]
+                                  RequestTimeout, Cancelled, CommClosed, WrongShard]
 OK = 255
 
 

@@ -206,7 +206,8 @@ class CommServer:
                 self._abandon(att)
             self._bells.close()
             router.close(0)
-            remove_ipc(self.listen)  # so that attach() hears at once that nobody listens
+            remove_ipc(self.endpoint or self.listen)  # attach() then hears at once that
+            # nobody listens
 
     def _drain(self, router: zmq.Socket) -> None:
         while router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int

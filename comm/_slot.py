@@ -19,11 +19,14 @@ reclaims it. So a slot is never written by a worker while a backend reuses it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from enum import IntEnum
 from typing import Any
 
 from ._errors import InvalidStateError
+
+log = logging.getLogger(__name__)
 
 
 class SlotState(IntEnum):
@@ -216,3 +219,13 @@ class Slot:
                 "kind": self.kind, "shard": self.shard, "rel": str(self.rel),
                 "blocks": list(self.blocks), "lsn": self.lsn, "nms": self.nms,
                 "attempt": self.attempt}
+
+
+def settle(finish: Any, arg: Any) -> None:
+    """``job.complete(result)`` or ``job.fail(error)`` where an exception would cost
+    more than that job: the rest of a completion burst, a batch's other members, or
+    the worker itself. One is a bug (InvalidStateError: completed twice), logged."""
+    try:
+        finish(arg)
+    except Exception:
+        log.exception("completing a request failed")

@@ -57,8 +57,10 @@ from shards.protocol import (
 
 from ._batch import Batch, coalesce, is_bulk
 from ._conn import Connection
+from ._doorbell import stop_error
 from ._errors import CommClosed, InvalidRequest, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, per_block, result_of
+from ._slot import settle
 from ._window import Windows
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ class ShardWorker:
         self.inbox: collections.deque[Any] = collections.deque()
         self.idle = False  # True while the worker may block in poll: ring the doorbell
         self.idle_fg = False  # ... with only bulk in flight (far-off replies): ring for fg
+        self.stopped = False  # set as the thread ends: jobs handed over after are refused
+        self.retired = False  # set before a STOP when its shard map was replaced
         # below: touched only by the worker thread
         self._queue: SortedList = SortedList()
         self._win = Windows(window, page_window)  # what is in flight, and the limits
@@ -230,7 +234,7 @@ class ShardWorker:
             elif job.sent:  # promoted after it left: already on its way
                 continue
             if not job.is_live():
-                job.fail(CommClosed("abandoned before it was sent"))  # releases it
+                settle(job.fail, CommClosed("abandoned before it was sent"))  # releases it
             else:
                 jobs.append(job)
                 taken.add(id(job))
@@ -262,7 +266,7 @@ class ShardWorker:
             if job.is_live():
                 self._send(job)
             else:
-                job.fail(CommClosed("abandoned before it was sent"))
+                settle(job.fail, CommClosed("abandoned before it was sent"))
 
     def _send(self, job: Any) -> None:
         rid = next(self._rid)
@@ -278,7 +282,7 @@ class ShardWorker:
                 self._split(job)  # each member on its own: only the bad one fails
             else:
                 self.stats.errors += 1
-                _settle(job.fail, InvalidRequest(f"shard {self.shard}: cannot encode "
+                settle(job.fail, InvalidRequest(f"shard {self.shard}: cannot encode "
                                                  f"{Kind(job.kind).name} {job.rel}: {e}"))
             return
         try:
@@ -345,7 +349,7 @@ class ShardWorker:
         why = mismatch(job, rep)
         if why is not None:
             self.stats.bad_replies += 1
-            job.fail(ShardUnavailable(f"shard {self.shard}: {why}"))
+            settle(job.fail, ShardUnavailable(f"shard {self.shard}: {why}"))
             self._reset(f"reply does not match its request: {why}")
             return
         if rep.status == Status.OK:
@@ -356,7 +360,7 @@ class ShardWorker:
             self._split(job)  # the status may concern some blocks only: ask one by one
         else:
             self.stats.errors += 1
-            job.fail(error_for(job, rep))
+            settle(job.fail, error_for(job, rep))
 
     def _complete_ok(self, job: Any, result: Any) -> None:
         if self.verify and job.kind == _GET_PAGES:
@@ -370,7 +374,7 @@ class ShardWorker:
                 if type(job) is Batch:  # only the readers of a bad page fail
                     job.complete_except(result, bad, err)
                 else:
-                    job.fail(err)
+                    settle(job.fail, err)
                 return
         self.stats.completed += 1
         self.stats.pages += len(job.blocks)
@@ -382,7 +386,7 @@ class ShardWorker:
         from under the worker at each one."""
         done, self._done = self._done, []
         for job, result in done:
-            _settle(job.complete, result)
+            settle(job.complete, result)
 
     def _split(self, batch: Batch) -> None:
         self.stats.splits += 1
@@ -390,7 +394,7 @@ class ShardWorker:
             if m.is_live():
                 self._enqueue(m)
             else:
-                m.fail(CommClosed("abandoned while batched"))  # releases it
+                settle(m.fail, CommClosed("abandoned while batched"))  # releases it
 
     def _retry(self, job: Any) -> bool:
         """Schedule another attempt with capped exponential backoff, if the deadline allows."""
@@ -420,8 +424,8 @@ class ShardWorker:
         for job in self._win.clear():
             if not self._retry(job):
                 self.stats.errors += 1
-                job.fail(ShardUnavailable(f"shard {self.shard}: {why}, and the deadline "
-                                          f"leaves no time to retry"))
+                settle(job.fail, ShardUnavailable(f"shard {self.shard}: {why}, and the "
+                                                   f"deadline leaves no time to retry"))
 
     # ------------------------------------------------------------ deadlines, shutdown
     def _sweep(self, now: float) -> None:
@@ -448,21 +452,24 @@ class ShardWorker:
     def _timeout(self, job: Any) -> None:
         self.stats.timeouts += 1
         why = " (the server refused our CURVE key)" if self._conn.auth_failed else ""
-        job.fail(RequestTimeout(f"shard {self.shard} did not answer {Kind(job.kind).name} "
-                                f"{job.rel} {list(job.blocks)} at lsn {job.lsn:#x} before the "
-                                f"deadline (attempt {job.attempt}){why}"))
+        settle(job.fail, RequestTimeout(
+            f"shard {self.shard} did not answer {Kind(job.kind).name} {job.rel} "
+            f"{list(job.blocks)} at lsn {job.lsn:#x} before the deadline (attempt "
+            f"{job.attempt}){why}"))
 
     def _fail_everything(self, pull: zmq.Socket) -> None:
+        self.stopped = True  # before the inbox is drained: see _doorbell.hand_over
         self._deliver()
-        err = CommClosed("the communicator is closed")
-        pending = list(self.inbox)
-        self.inbox.clear()
+        err = stop_error(self)
+        pending = []
+        while self.inbox:  # popleft: a job hand_over takes back is failed once, there
+            pending.append(self.inbox.popleft())
         pending += [e[-1] for e in self._queue] + self._win.clear()
         pending += [e[2] for e in self._delayed]
         self._queue.clear()
         self._delayed.clear()
         for job in pending:
-            _settle(job.fail, err)
+            settle(job.fail, err)
 
     @property
     def reconnects(self) -> int:
@@ -472,13 +479,3 @@ class ShardWorker:
     def inflight_snapshot(self) -> list[tuple[Any, float]]:
         """(job, sent at) pairs; a racy copy for diagnostics."""
         return list(self._inflight.values())
-
-
-def _settle(finish: Any, arg: Any) -> None:
-    """``job.complete(result)`` or ``job.fail(error)``, where an exception would cost
-    more than that job: the rest of a completion burst, or the worker itself. One is
-    a bug (InvalidStateError: a slot completed twice), logged loudly."""
-    try:
-        finish(arg)
-    except Exception:
-        log.exception("completing a request failed")

@@ -125,3 +125,41 @@ def test_a_dead_attachers_fifo_directory_is_removed(served: Any, tmp_path: Path)
                 for f in d.iterdir():
                     f.unlink()
                 d.rmdir()
+
+
+def test_a_process_read_answered_wrong_shard_after_a_split_is_read_again(
+        tmp_path: Path) -> None:
+    import fakeserver as fs
+
+    from shards.protocol import Status
+
+    class Disowning(FakeServer):
+        disown = False
+
+        def _answer(self, frames: list[bytes]) -> list[bytes]:
+            if self.disown:
+                req = fs.decode_request(frames)
+                return fs.encode_reply(fs.error_reply(req, Status.INVALID_REQUEST,
+                                                      "block belongs to shard 1, this is "
+                                                      "shard 0"))
+            return super()._answer(frames)
+
+    with Disowning() as a, FakeServer() as b, comm.Communicator(
+            [a.endpoint], stripe_size=8, config=comm.CommConfig(request_timeout=5)) as c:
+        server = CommServer(c, f"ipc://{tmp_path}/front.ipc").start()
+        try:
+            with comm.attach(server.endpoint) as be:
+                assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
+                a.disown, a.delay = True, 0.3  # answered after the split below
+                threading.Timer(0.1, lambda: c.update_shards([b.endpoint])).start()
+                assert be.get_pages(REL, [1, 2, 3], lsn=100, timeout=3) == [
+                    fake_page(REL, x, 100) for x in (1, 2, 3)]
+                c.update_shards([a.endpoint])  # the same map answers WrongShard: an error
+                a.delay = 0
+                with pytest.raises(comm.WrongShard, match="not on shard 0"):
+                    be.get_page(REL, 4, lsn=100, timeout=2)
+                assert be.comm_stats()["processes"]["pending"] == 0
+        finally:
+            server.stop()
+            c.close()
+            server.release()
