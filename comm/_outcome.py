@@ -69,6 +69,10 @@ def error_for(job: Any, rep: Reply) -> CommError:
                               f"{job.shard} ({where}){_layout_hint(job.shard, rep.reason)}")
         return InvalidRequest(f"page server rejected the request ({where})")
     if st == Status.INTERNAL_ERROR:
+        if "has not reached" in rep.reason:  # the server waited for WAL up to nms
+            return ServerError(f"shard {job.shard} holds no data up to lsn {job.nms:#x} yet "
+                               f"({where}); read at an LSN the page servers have reached "
+                               f"(at most the store's last_lsn)")
         return ServerError(f"page server failed ({where})")
     if st == Status.SLOW_DOWN:
         return ShardUnavailable(f"page server overloaded until the deadline ({where})")

@@ -199,3 +199,18 @@ def test_a_wrong_shard_error_says_what_to_fix():
     assert "COMM_SHARDS" in str(e)
     e = error_for(job, rep(f"block 0 of {REL} belongs to shard 1, this is shard 0"))
     assert isinstance(e, WrongShard) and "COMM_STRIPE_SIZE" in str(e)
+
+
+def test_an_lsn_beyond_the_page_servers_says_so() -> None:
+    import types
+
+    from comm import ServerError
+    from comm._outcome import error_for
+    from shards.protocol import Status
+
+    job = types.SimpleNamespace(kind=1, shard=2, rel=REL, blocks=(0,), lsn=0x3000, nms=0x3000)
+    rep = types.SimpleNamespace(status=Status.INTERNAL_ERROR, reason=(
+        "store at LSN 8192 has not reached not_modified_since 12288 after waiting 1s"))
+    e = error_for(job, rep)
+    assert isinstance(e, ServerError)
+    assert "holds no data up to lsn 0x3000 yet" in str(e) and "last_lsn" in str(e)
