@@ -25,7 +25,11 @@ _AUTH_FAILED = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0)  # the server refu
 # "connected" means the ZeroMQ handshake succeeded: a TCP connect alone may be a
 # listener that is not a page server (it accepts, then drops the handshake)
 _UP = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-_EVENTS = _UP | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _AUTH_FAILED
+# the handshake itself failed: with CURVE, most likely not the server's public key
+_HANDSHAKE_FAILED = (getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0)
+                     | getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0))
+_EVENTS = (_UP | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _AUTH_FAILED
+           | _HANDSHAKE_FAILED)
 RECONNECT_MIN_MS = 10  # also the pace of a listener that accepts and drops us
 RECONNECT_MAX_MS = 1000
 CONNECT_TIMEOUT_MS = 2000  # a silently dropped SYN would otherwise take minutes
@@ -42,6 +46,7 @@ class Connection:
                  curve: tuple[str, str] | None = None) -> None:
         self.ctx, self.endpoint, self.name, self.curve = ctx, endpoint, name, curve
         self.auth_failed = False  # the server refused our CURVE key
+        self.handshake_failed = False  # a CURVE handshake failed (the server's key?)
         self.generation = 0  # bumped by reset(): pollers must re-register
         self.connected = False
         self.reconnects = 0
@@ -84,6 +89,12 @@ class Connection:
                     log.error("%s: %s refused our CURVE key (handshake failed); requests "
                               "will time out", self.name, self.endpoint)
                 self.auth_failed = True
+            elif ev & _HANDSHAKE_FAILED and self.curve is not None:
+                if not self.handshake_failed:
+                    log.error("%s: the CURVE handshake with %s fails; is the server key "
+                              "(COMM_CURVE_SERVER_KEY) that server's public key? Requests "
+                              "will time out", self.name, self.endpoint)
+                self.handshake_failed = True
             elif ev == _UP and not self.connected:
                 self.connected = True
                 if self._down_logged:

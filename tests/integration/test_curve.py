@@ -79,6 +79,15 @@ def test_unlisted_client_reads_nothing_and_times_out_clearly(server, store, keys
                    for r in caplog.records)  # no key material in logs
 
 
+def test_a_wrong_server_key_times_out_naming_it(server, store, keys, tmp_path):
+    other_pub, _ = keygen(tmp_path, "other")  # taken for the server's public key
+    config = comm.CommConfig(curve_secret=str(keys["client_sec"]),
+                             curve_server_key=str(other_pub))
+    with comm.Communicator([server.endpoint], config=config) as c, c.backend() as be:
+        with pytest.raises(comm.RequestTimeout, match="COMM_CURVE_SERVER_KEY"):
+            be.get_page(store[1], 3, LSN, timeout=1.0)
+
+
 def test_client_without_curve_gets_nothing(server, store):
     with comm.Communicator([server.endpoint]) as c, c.backend() as be:
         with pytest.raises(comm.RequestTimeout):
