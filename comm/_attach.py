@@ -50,6 +50,7 @@ from ._validate import (
 )
 
 _SLICE = 0.05
+_KINDS = {int(k) for k in Kind}
 _RING_PREFIX = "pagecomm-ring-"  # + pid + "-": the completion FIFO's directory
 
 
@@ -117,6 +118,7 @@ class ProcBackend:
         self._uses = [0] * self.slots
         self._orphans: set[int] = set()  # slots abandoned, waiting for their completion
         self._done: dict[int, _ipc.Done] = {}  # completions received, by slot
+        self._what: dict[int, tuple[int, RelTag | None, list[int], int]] = {}  # by slot
 
     def _attach(self, slots: int, timeout: float) -> None:
         # the FIFO's name lives only until the communicator has opened it
@@ -241,13 +243,18 @@ class ProcBackend:
         finally:
             self._release(slot_use[0])
 
-    def update_shards(self, endpoints: list[str], stripe_size: int) -> None:
-        """The control message of the process form: a live shard split."""
+    def update_shards(self, endpoints: list[str], stripe_size: int | None = None) -> None:
+        """The control message of the process form: a live shard split (the stripe size
+        cannot change; None or the current one)."""
         self._enter()
         if isinstance(endpoints, (str, bytes)):
             raise InvalidRequest(f"endpoints must be a list of endpoint strings, not one "
                                  f"string: {endpoints!r}")
-        self._sock.send(_ipc.encode_shards(list(endpoints), stripe_size))
+        if stripe_size is not None and (isinstance(stripe_size, bool) or not isinstance(
+                stripe_size, int) or not 1 <= stripe_size <= 0xFFFFFFFF):
+            raise InvalidRequest(f"stripe_size must be a positive int, got {stripe_size!r}")
+        # 0 on the wire: unchanged
+        self._sock.send(_ipc.encode_shards(list(endpoints), stripe_size or 0))
         deadline = time.monotonic() + self._timeout
         while True:
             msg = self._recv(deadline)
@@ -352,6 +359,7 @@ class ProcBackend:
               deadline: float, e1: int = 0, e2: int = 0) -> tuple[int, int]:
         slot = self._take(deadline)
         self._uses[slot] = use = (self._uses[slot] + 1) & 0xFFFFFFFF
+        self._what[slot] = (kind, rel, blocks, lsn)  # for a timeout's message
         r = rel or RelTag(0, 0, 0, 0)
         msg = _ipc.encode_req(_ipc.Req(slot, use, kind, int(RequestClass.NORMAL), r.spc, r.db,
                                        r.rel, r.fork, lsn, nms,
@@ -381,7 +389,15 @@ class ProcBackend:
                 return d
             try:
                 self._note(self._recv(deadline))
-            except BaseException:  # a timeout, a cancel, an interrupt: the slot is out
+            except RequestTimeout:
+                self._give_up(slot, use)
+                kind, rel, blocks, lsn = self._what.get(slot, (0, None, [], 0))
+                raise RequestTimeout(
+                    f"{self.name}: no completion within the deadline for "
+                    f"{Kind(kind).name if kind in _KINDS else kind} "
+                    f"{rel if rel is not None else ''} {list(blocks)} at lsn {lsn:#x}"
+                    ) from None
+            except BaseException:  # a cancel, an interrupt: the slot is out
                 self._give_up(slot, use)
                 raise
 

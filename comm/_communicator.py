@@ -31,7 +31,7 @@ from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
 from ._config import CommConfig
-from ._errors import CommClosed, ConfigError, ShardUnavailable
+from ._errors import CommClosed, ConfigError, InvalidRequest, ShardUnavailable
 from ._map import ShardMap
 from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server
 from ._validate import FORKS, forked_error
@@ -136,6 +136,7 @@ class Communicator:
         # (_reap_retired), the rest at close
         self._retired: list[tuple[float, ShardWorker]] = []
         self._forks = FORKS[0]  # a forked child inherits this object, not its threads
+        self._fronts: list[Any] = []  # CommServers serving backend processes (stats, metrics)
         self._latency_retired: LatencySnapshot = {}  # closed backends' latencies (_lock)
         self._metrics: MetricsServer | None = None
         self._map = ShardMap(cfg.shards, cfg.stripe_size, [], 0)
@@ -355,11 +356,13 @@ class Communicator:
             shards.append({"shard": shard, "endpoint": m.endpoints[shard],
                            "threads": len(workers), "connections": len(workers), **agg})
         with self._lock:
-            backends = list(self._backends.values())
+            backends, fronts = list(self._backends.values()), list(self._fronts)
         return {
             "shards": shards,
-            "backends": len(backends),
-            "slots_in_use": sum(b.slots_in_use() for b in backends),
+            # backend processes (comm serve) count too: attached, with requests pending
+            "backends": len(backends) + sum(f.attached() for f in fronts),
+            "slots_in_use": (sum(b.slots_in_use() for b in backends)
+                             + sum(f.pending() for f in fronts)),
             "connections": sum(len(w) for w in m.workers),
             "map_generation": m.generation,
             "prefetch": self._buffer.snapshot(),
@@ -386,10 +389,16 @@ class Communicator:
         """Call latencies of every backend, live and closed (for the metrics endpoint)."""
         with self._lock:
             live, retired = list(self._backends.values()), self._latency_retired
-        return merge_snapshots(retired, *(b._latency.snapshot() for b in live))
+            fronts = list(self._fronts)
+        return merge_snapshots(retired, *(b._latency.snapshot() for b in live),
+                               *(f.latency.snapshot() for f in fronts))
 
     def dump_inflight(self, older_than: float = 0.0) -> list[dict[str, Any]]:
         """Requests on the wire for longer than ``older_than`` seconds, oldest first."""
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or \
+                not older_than >= 0:
+            raise InvalidRequest(f"older_than must be a number of seconds >= 0, got "
+                                 f"{older_than!r}")
         now = time.monotonic()
         out = []
         for w in self._all_workers():

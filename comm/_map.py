@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shards import INIT_FORKNUM, RelTag, shard_for
+from shards import INIT_FORKNUM, RelTag
+from shards._shardmap import shard_for_unchecked as shard_for
 
 
 class ShardMap:

@@ -18,6 +18,7 @@ sends the completion message).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from ._errors import CommClosed, WrongShard
 
 class ProcRequest:
     __slots__ = ("owner", "slot", "use", "kind", "buf", "post", "parts", "error", "exists",
-                 "count", "value", "abandoned", "rung", "redo", "_lock")
+                 "count", "value", "abandoned", "rung", "redo", "t0", "t1", "_lock")
 
     def __init__(self, owner: Any, slot: int, use: int, kind: int, buf: memoryview,
                  post: Callable[[ProcRequest], None]) -> None:
@@ -39,6 +40,8 @@ class ProcRequest:
         self.exists, self.count, self.value = False, 0, 0
         self.abandoned = False  # the backend gave up or died: finish, send nothing useful
         self.rung = False  # completed through the backend's FIFO (see _server._Attached)
+        self.t0 = time.monotonic()  # taken in by the front; t1: completed (for metrics)
+        self.t1 = 0.0
         # GET_PAGES: the front's hook to read again positions whose part failed on its
         # own terms (a joined prefetch that failed, a shard that moved); True if taken
         # (request, positions, error, map generation of the failed part or -1)

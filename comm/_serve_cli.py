@@ -34,6 +34,11 @@ def serve_main(args: argparse.Namespace) -> int:
     server = CommServer(comm, args.listen)
     try:
         server.start()
+        if comm.metrics_port is not None:  # COMM_METRICS_PORT=0 takes a free port: say which
+            addr = comm.config.metrics_addr
+            host = f"[{addr}]" if ":" in addr else addr
+            print(f"metrics http://{host}:{comm.metrics_port}/metrics", file=sys.stderr,
+                  flush=True)
         print(f"READY {server.endpoint}", flush=True)
         while not stop.wait(0.5):
             pass

@@ -41,12 +41,14 @@ from shards.protocol import Kind, RequestClass, SlruKind
 from . import _ipc
 from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
+from ._metrics import LatencyRecorder
 from ._procreq import CLOSED, ProcRequest, WireJob
 from ._validate import check_lsns, check_rel, check_timeout
 
 log = logging.getLogger(__name__)
 _POLLIN, _NOBLOCK, _EVENTS = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS)  # plain ints
 _LIVENESS_INTERVAL = 0.2
+_NORMAL_CLASS = int(RequestClass.NORMAL)
 
 
 class _Attached:
@@ -119,9 +121,14 @@ def _open_ring(path: str, name: str) -> int | None:
 class CommServer:
     def __init__(self, comm: Any, listen: str) -> None:
         self.comm, self.listen = comm, listen
+        # backend processes' call latencies, from taking a request in to its completion
+        # (front thread only: observed when the request is forgotten)
+        self.latency = LatencyRecorder()
         self.endpoint = ""
         self._by_ident: dict[bytes, _Attached] = {}  # front thread only
-        self._leaving: list[_Attached] = []  # abandoned at shutdown; unmapped by release()
+        # gone with requests still pending: unmapped when the last is forgotten, or by
+        # release() (the front may have stopped before that)
+        self._leaving: dict[int, _Attached] = {}
         self._outbox: collections.deque[ProcRequest] = collections.deque()
         # parts to read again (see _redo_hook), from any thread, for the front
         self._redo: collections.deque[tuple[ProcRequest, list[int], tuple[Any, ...]]] = \
@@ -140,10 +147,15 @@ class CommServer:
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
             raise CommError(f"cannot listen on {self.listen}: {self._error}")
+        with self.comm._lock:  # its backends count in the communicator's stats and metrics
+            self.comm._fronts.append(self)
         return self
 
     def stop(self) -> None:
         """Stop serving (safe twice); attached backends see CommClosed."""
+        with self.comm._lock:
+            if self in self.comm._fronts:
+                self.comm._fronts.remove(self)
         if self._thread.is_alive():
             self._stopping = True
             os.write(self._bell_w, b"x")
@@ -151,9 +163,8 @@ class CommServer:
 
     def release(self) -> None:
         """Unmap every segment; call after the communicator (its workers) stopped."""
-        for att in list(self._by_ident.values()) + self._leaving:
+        for att in list(self._by_ident.values()) + list(self._leaving.values()):
             self._drop(att)
-        self._leaving.clear()
         for fd in (self._bell_r, self._bell_w):
             try:
                 os.close(fd)
@@ -202,7 +213,6 @@ class CommServer:
                     next_check = time.monotonic() + _LIVENESS_INTERVAL
         finally:
             for att in list(self._by_ident.values()):
-                self._leaving.append(att)
                 self._abandon(att)
             self._bells.close()
             router.close(0)
@@ -259,7 +269,7 @@ class CommServer:
         elif tag == b"S":
             eps, stripe = _ipc.decode_shards(msg)
             try:
-                self.comm.update_shards(eps, stripe_size=stripe)
+                self.comm.update_shards(eps, stripe_size=stripe or None)  # 0: unchanged
                 router.send_multipart([ident, b"sOK"])
             except CommError as e:
                 router.send_multipart([ident, b"s" + str(e).encode()])
@@ -409,6 +419,7 @@ class CommServer:
         """Any thread: a request is complete. Ring the backend directly if it can be;
         the front then only forgets the request (at its next wakeup: no doorbell),
         otherwise it sends the completion message."""
+        p.t1 = time.monotonic()
         rung = p.owner.ring(p)
         self._outbox.append(p)
         if not rung and self._idle:
@@ -420,6 +431,7 @@ class CommServer:
     def _flush(self, router: zmq.Socket) -> None:
         while self._outbox:
             p = self._outbox.popleft()
+            self.latency.observe(p.kind, _NORMAL_CLASS, p.t1 - p.t0)
             att = p.owner
             if att.pending.get(p.slot) is p:
                 del att.pending[p.slot]
@@ -458,13 +470,16 @@ class CommServer:
             att.shm.unlink()
         except FileNotFoundError:
             pass
-        if not att.pending:
+        if att.pending:
+            self._leaving[att.id] = att
+        else:
             self._drop(att)
 
     def _drop(self, att: _Attached) -> None:
         if not att.gone:
             self._abandon(att)
             return
+        self._leaving.pop(att.id, None)
         for p in att.pending.values():
             p.buf.release()
         att.pending.clear()
@@ -472,6 +487,10 @@ class CommServer:
 
     def attached(self) -> int:
         return len(self._by_ident)
+
+    def pending(self) -> int:
+        """Requests of attached backends not yet forgotten (a racy count, for stats)."""
+        return sum(len(a.pending) for a in list(self._by_ident.values()))
 
 
 def _done_of(p: ProcRequest) -> _ipc.Done:

@@ -163,3 +163,45 @@ def test_a_process_read_answered_wrong_shard_after_a_split_is_read_again(
             server.stop()
             c.close()
             server.release()
+
+
+def test_process_backends_count_in_stats_and_metrics(served: Any) -> None:
+    s, c, server = served
+    with comm.attach(server.endpoint) as be:
+        for b in range(5):
+            assert be.get_page(REL, b, lsn=100) == fake_page(REL, b, 100)
+        s.frozen = True
+        seen: list[dict[str, Any]] = []  # stats taken while the call waits
+        timer = threading.Timer(0.2, lambda: seen.append(c.stats()))
+        timer.start()
+        with pytest.raises(comm.RequestTimeout):
+            be.get_page(REL, 9, lsn=100, timeout=0.5)
+        timer.join()
+        assert seen[0]["backends"] == 1 and seen[0]["slots_in_use"] == 1
+        s.frozen = False
+        lat = c._latency_snapshot()
+        assert sum(n for _, _, n in lat.values()) >= 5  # the process backend's calls
+
+
+def test_a_process_timeout_names_the_request(served: Any) -> None:
+    s, _, server = served
+    with comm.attach(server.endpoint) as be:
+        s.frozen = True
+        with pytest.raises(comm.RequestTimeout, match=r"GET_PAGES 1663/5/16384 \[9\] at lsn 0x64"):
+            be.get_page(REL, 9, lsn=100, timeout=0.3)
+
+
+def test_process_update_shards_keeps_the_stripe_when_not_given(served: Any) -> None:
+    s, c, server = served
+    with comm.attach(server.endpoint) as be:
+        be.update_shards([s.endpoint])
+        assert c._map.generation == 1 and c._map.stripe == 8
+        with pytest.raises(comm.InvalidRequest, match="stripe_size"):
+            be.update_shards([s.endpoint], 0)
+
+
+def test_dump_inflight_checks_its_argument(served: Any) -> None:
+    _, c, _ = served
+    for bad in ("x", None, -1, float("nan")):
+        with pytest.raises(comm.InvalidRequest, match="older_than"):
+            c.dump_inflight(bad)
