@@ -6,21 +6,34 @@ to the other side) and ``NAME.key_secret`` (keep it; mode 0600) in ZeroMQ's
 certificate format. A page server takes its secret file and a directory of the
 public keys of the clients it accepts; a client takes its secret file and the
 server's public key file. Keys are never logged.
+
+The clients directory is authoritative for every NEW connection: each CURVE
+handshake asks :class:`ClientKeys`, which re-reads the directory's ``*.key``
+files whenever its listing (names, sizes, modification times) changed, so a key
+file added later is accepted and a removed one is refused from then on
+(connections already established stay up). A key file that cannot be read or
+holds no valid public key is skipped with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from ._errors import InvalidArgument, ShardsError
+
+log = logging.getLogger(__name__)
+_Z85_KEY_LEN = 40  # a 32-byte CURVE key in Z85
 
 
 class CurveKeyError(ShardsError):
@@ -134,18 +147,108 @@ def check_exposure(bind: str, secured: bool, insecure: bool, log: Any) -> None:
     log.warning("serving %s WITHOUT authentication or encryption (--insecure)", bind)
 
 
+def _is_z85_key(key: bytes) -> bool:
+    if len(key) != _Z85_KEY_LEN:
+        return False
+    try:
+        z85.decode(key)
+    except Exception:  # KeyError for a character outside the alphabet, struct.error, ...
+        return False
+    return True
+
+
+class ClientKeys:
+    """The public keys in a clients directory, as the authenticator's credentials
+    provider: :meth:`callback` is called (in the authenticator's thread) once per
+    CURVE handshake with the client's Z85 public key.
+
+    The directory is listed on each call (a scandir and a stat per ``*.key`` entry: a
+    few microseconds for a handful of clients); the key
+    files are re-read only when that listing changed. A missing or unreadable
+    directory accepts nobody (with a warning) until it is back."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+        self._listing: tuple[tuple[str, int, int, int, int], ...] | None = None
+        self._loaded = False
+        self._keys: frozenset[bytes] = frozenset()
+        self.keys()  # read them now: warnings about bad files come at start
+
+    def _list(self) -> tuple[tuple[str, int, int, int, int], ...] | None:
+        try:
+            out = []
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    if e.name.endswith(".key") and not e.name.startswith("."):
+                        try:
+                            st = e.stat()  # follows a symlink, as reading the file does
+                        except OSError:
+                            out.append((e.name, -1, -1, -1, -1))  # dangling: _read skips it
+                            continue
+                        # ctime too: a chmod making an unreadable file readable counts
+                        out.append((e.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size,
+                                    st.st_ino))
+            return tuple(sorted(out))
+        except OSError:
+            return None
+
+    def keys(self) -> frozenset[bytes]:
+        """The accepted public keys (Z85) as the directory holds them now."""
+        listing = self._list()
+        with self._lock:
+            if self._loaded and listing == self._listing:
+                return self._keys
+            if listing is None:  # warned once per change, not per handshake
+                log.warning("CURVE clients directory %s cannot be listed: refusing every "
+                            "client until it can", self.directory)
+                self._keys = frozenset()
+            else:
+                self._keys = self._read(listing)
+            self._listing, self._loaded = listing, True
+            return self._keys
+
+    def _read(self, listing: tuple[tuple[str, int, int, int, int], ...]) -> frozenset[bytes]:
+        keys = set()
+        for name, *_ in listing:
+            path = self.directory / name
+            try:
+                public, _ = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError) as e:  # messages name the file, never a key
+                log.warning("CURVE clients directory: skipping %s: %s", path, e)
+                continue
+            if not _is_z85_key(public):
+                log.warning("CURVE clients directory: skipping %s: its public-key is not "
+                            "a 40-character Z85 key", path)
+                continue
+            keys.add(public)
+        log.debug("CURVE clients directory %s: %d key(s)", self.directory, len(keys))
+        return frozenset(keys)
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """Whether ``client_key`` (Z85) is in the directory now. Never raises: an
+        exception here would stop the authenticator thread."""
+        try:
+            return client_key in self.keys()
+        except Exception:  # a bug must refuse one client, not every later one
+            log.exception("CURVE clients directory %s: checking a key failed", self.directory)
+            return False
+
+
 def secure_server(ctx: zmq.Context, sock: zmq.Socket, secret_file: str,
                   clients_dir: str) -> Any:
-    """Make ``sock`` a CURVE server accepting only the public keys in ``clients_dir``;
-    returns the running authenticator (stop it after closing the socket)."""
+    """Make ``sock`` a CURVE server accepting only the public keys in ``clients_dir``
+    at the time of each new connection (:class:`ClientKeys`); returns the running
+    authenticator (stop it after closing the socket)."""
     from zmq.auth.thread import ThreadAuthenticator
 
     public, secret = load_secret(secret_file)
     if not Path(clients_dir).is_dir():
         raise CurveKeyError(f"CURVE clients directory {clients_dir} does not exist")
+    provider = ClientKeys(clients_dir)  # consulted at every handshake, not read once
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(clients_dir))
+    auth.configure_curve_callback(domain="*", credentials_provider=provider)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True

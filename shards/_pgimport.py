@@ -40,7 +40,7 @@ from typing import Any
 
 from ._errors import PgImportError, ShardsError, StoreError
 from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
-from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
+from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for_unchecked
 from ._store import PageStore
 from ._synth import MAX_SHARD_COUNT, MAX_STRIPE_SIZE, _parse_lsn, check_flag, format_lsn
 from ._types import BLCKSZ, FORK_SUFFIXES, MAX_LSN, RelTag
@@ -237,7 +237,7 @@ class _Importer:
                     view = memoryview(chunk)
                     for i in range(n):
                         blk = base + first + i
-                        shard = shard_for(rel, blk, count, self.stripe_size)
+                        shard = shard_for_unchecked(rel, blk, count, self.stripe_size)
                         page = bytes(view[i * BLCKSZ:(i + 1) * BLCKSZ])
                         self.pending[shard].setdefault(rel, []).append((blk, page))
                     first += n
@@ -395,7 +395,10 @@ def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "import-pgdata", help="import a stopped PostgreSQL data directory",
         description="Import (or re-import, writing only changed pages) a stopped "
-        "PostgreSQL 15 data directory into a sharded page store.")
+        "PostgreSQL 15 data directory into a sharded page store.",
+        epilog="Exit status: 0 imported; 2 refused (a bad option, not a stopped PostgreSQL "
+        "data directory, a store of another layout or at a newer LSN), one line on "
+        "stderr; 1 the import failed while running (a store or I/O error).")
     p.add_argument("pgdata", help="the data directory (the cluster must be stopped)")
     p.add_argument("--store", required=True, help="store directory (created if missing)")
     p.add_argument("--shard-count", type=int, default=None,
@@ -429,8 +432,12 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         r = import_pgdata(args.pgdata, args.store, shard_count=shard_count,
                           stripe_size=stripe_size, lsn=args.lsn, progress=progress)
-    except PgImportError as e:  # the import itself failed: status 1, as it always was
-        print(f"error: {e}", file=sys.stderr)
+    except PgImportError as e:  # not a (stopped) data directory, a layout mismatch, ...:
+        print(f"error: {e}", file=sys.stderr)  # a usage error, status 2 like every command
+        return 2
+    except (StoreError, OSError) as e:  # failed while writing: unexpected, status 1
+        log.debug("import failed", exc_info=True)
+        print(f"error: import failed: {e}", file=sys.stderr)
         return 1
     print(f"imported {args.pgdata} at LSN {format_lsn(r.lsn)} into {args.store} "
           f"({shard_count} shards, stripe {stripe_size}): {r.pages_seen} pages seen, "

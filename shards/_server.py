@@ -69,7 +69,7 @@ from ._protocol import (
     malformed_reply,
     peek_request_id,
 )
-from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
+from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for_unchecked
 from ._store import PageStore, StoreReader
 from ._types import BLCKSZ
 from ._wait import precise_timers, readable
@@ -99,8 +99,43 @@ class _Pending:
         return self.req.cls, len(getattr(self.req, "blocks", ())), self.seq
 
 
+_LAYOUT_KEYS = ("shard", "shard_count", "stripe_size")
+
+
+def check_store_layout(store: PageStore, shard: int, shard_count: int,
+                       stripe_size: int) -> None:
+    """InvalidArgument (a ShardsError) naming both layouts if ``store.meta()`` records
+    a shard, shard_count or stripe_size other than the ones given: serving a store
+    under another map answers "not found" for pages it holds. Keys the meta record
+    lacks are not checked (a plain PageStore has none); with one shard on both sides
+    the stripe size maps nothing and is not compared."""
+    meta_of = getattr(store, "meta", None)
+    if meta_of is None:
+        return
+    meta = meta_of()
+    recorded = {k: meta[k] for k in _LAYOUT_KEYS if k in meta}
+    given = {"shard": shard, "shard_count": shard_count, "stripe_size": stripe_size}
+    if shard_count == 1 and recorded.get("shard_count", 1) == 1:
+        recorded.pop("stripe_size", None)
+    if all(given[k] == v for k, v in recorded.items()):
+        return
+
+    def describe(layout: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={layout[k]!r}" for k in _LAYOUT_KEYS if k in layout)
+
+    raise InvalidArgument(
+        f"page store {getattr(store, 'path', store)} holds {describe(recorded)}, but the "
+        f"server was asked to serve {describe(given)}: a server must serve its store with "
+        f"the layout the store was written for")
+
+
 class PageServer:
-    """Serves one shard of a page store over a ROUTER socket (see module docstring)."""
+    """Serves one shard of a page store over a ROUTER socket (see module docstring).
+
+    A store whose ``meta()`` records its shard, shard_count and stripe_size (one
+    written by import_pgdata or generate_store) must be served with those
+    (InvalidArgument naming both layouts, at construction); a store without
+    them (a plain PageStore) is served as told."""
 
     def __init__(self, store: PageStore, shard: int = 0, shard_count: int = 1,
                  stripe_size: int = DEFAULT_STRIPE_SIZE, bind: str = "tcp://127.0.0.1:0", *,
@@ -130,6 +165,7 @@ class PageServer:
             raise InvalidArgument("CURVE needs both curve_secret (this server's .key_secret "
                                   "file) and curve_clients (a directory of accepted client "
                                   ".key files)")
+        check_store_layout(store, shard, shard_count, stripe_size)
         check_exposure(bind, curve_secret is not None, insecure, log)
         self.curve_secret, self.curve_clients = curve_secret, curve_clients
         self.store = store
@@ -423,7 +459,7 @@ class PageServer:
                 if stripe in checked:
                     continue
                 checked.add(stripe)
-                owner = shard_for(rel, b, self.shard_count, self.stripe_size)
+                owner = shard_for_unchecked(rel, b, self.shard_count, self.stripe_size)
                 if owner != self.shard:
                     return error_reply(req, Status.INVALID_REQUEST,
                                        f"block {b} of {rel} belongs to shard {owner}, "

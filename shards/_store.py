@@ -224,7 +224,10 @@ class StoreBatch:
 
     @_translate
     def put_page(self, rel: RelTag, blkno: int, lsn: int, page: bytes) -> None:
-        """Store a new version of one page at ``lsn`` (replaces one at the same lsn)."""
+        """Store a new version of one page at ``lsn`` (replaces one at the same lsn).
+
+        Unlike :meth:`PageStore.put_page`, this leaves the relation's size alone:
+        a batch sets sizes explicitly (``set_nblocks``)."""
         check_reltag(rel)
         key = _PAGE_KEY.pack(*rel, _blkno(blkno), _inv(self._bump(lsn)))
         self._txn.put(key, _page(page), db=self._dbs[b"pages"])
@@ -237,6 +240,16 @@ class StoreBatch:
         self._txn.put(key, _RELSIZE_VAL.pack(1, _int("n", n, 0, MAX_BLOCKNO + 1)),
                       db=self._dbs[b"relsize"])
         self._txn.delete(key, db=self._dbs[b"drops"])  # re-created at the drop's LSN
+
+    @_translate
+    def _extend_nblocks(self, rel: RelTag, lsn: int, n: int) -> None:
+        """Size of ``rel`` at ``lsn`` becomes max(its size at lsn, ``n``) (absent: 0)."""
+        found = _newest(self._txn.cursor(self._dbs[b"relsize"]), _REL.pack(*rel), lsn)
+        if found is not None:
+            exists, cur = _RELSIZE_VAL.unpack(found[0])
+            if exists and cur >= n:
+                return
+        self.set_nblocks(rel, lsn, n)
 
     @_translate
     def drop_relation(self, rel: RelTag, lsn: int) -> None:
@@ -431,8 +444,17 @@ class PageStore:
         return out
 
     def put_page(self, rel: RelTag, blkno: int, lsn: int, page: bytes) -> None:
+        """Store a new version of one page at ``lsn`` (replaces one at the same lsn),
+        and make the relation at least ``blkno + 1`` blocks long from ``lsn`` on: its
+        size at ``lsn`` becomes max(size at lsn, blkno + 1), in the same transaction
+        (a relation absent at ``lsn``, never created or dropped, counts as size 0,
+        so it is created). Sizes recorded at later LSNs are left as they are.
+
+        :meth:`StoreBatch.put_page` does NOT touch sizes: bulk writers (the
+        importer, the generator) set them explicitly with ``set_nblocks``."""
         with self.batch() as b:
             b.put_page(rel, blkno, lsn, page)
+            b._extend_nblocks(rel, lsn, blkno + 1)
 
     def set_nblocks(self, rel: RelTag, lsn: int, n: int) -> None:
         with self.batch() as b:

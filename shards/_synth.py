@@ -35,7 +35,7 @@ from ._checksum import pg_checksum_pages
 from ._errors import InvalidArgument, ShardsError, StoreError
 from ._layout import LAYOUT_FILE, open_shard_store, read_layout, write_layout
 from ._protocol import SLRU_PAGES_PER_SEGMENT
-from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for
+from ._shardmap import DEFAULT_STRIPE_SIZE, check_shard_params, shard_for_unchecked
 from ._types import (
     BLCKSZ,
     MAIN_FORKNUM,
@@ -264,7 +264,7 @@ def _write_rel(stores: list[Any], rel: RelTag, nblocks: int, lsn: int, stripe_si
         pending[shard] = []
 
     for start in range(0, nblocks, stripe_size):  # one shard per stripe
-        shard = shard_for(rel, start, shard_count, stripe_size)
+        shard = shard_for_unchecked(rel, start, shard_count, stripe_size)
         pending[shard].extend(range(start, min(start + stripe_size, nblocks)))
         if len(pending[shard]) >= BATCH_PAGES:
             flush(shard)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,9 +32,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     server_pub, server_sec = keygen(d, "server")
     client_pub, client_sec = keygen(d / "clients", "reader")
     os.rename(client_sec, d / "reader.key_secret")  # only public keys in the allow-list
-    _, rogue_sec = keygen(d / "rogue", "rogue")
+    rogue_pub, rogue_sec = keygen(d / "rogue", "rogue")
     return {"server_pub": server_pub, "server_sec": server_sec, "clients": d / "clients",
-            "client_sec": d / "reader.key_secret", "rogue_sec": rogue_sec}
+            "client_pub": client_pub, "client_sec": d / "reader.key_secret",
+            "rogue_pub": rogue_pub, "rogue_sec": rogue_sec}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, comm.RelTag]:
 @pytest.fixture
 def server(store, keys) -> Iterator[PageServer]:
     st = open_shard_store(store[0], 0, readonly=True)
-    srv = PageServer(st, shard=0, shard_count=1, curve_secret=str(keys["server_sec"]),
+    srv = PageServer(st, shard=0, shard_count=2, stripe_size=16,
+                     curve_secret=str(keys["server_sec"]),
                      curve_clients=str(keys["clients"])).start()
     yield srv
     srv.stop()
@@ -79,6 +82,49 @@ def test_unlisted_client_reads_nothing_and_times_out_clearly(server, store, keys
                    for r in caplog.records)  # no key material in logs
 
 
+def read_one(server: PageServer, store, keys: dict[str, Path], secret: str) -> bytes:
+    """Block 3 through a NEW communicator (a new connection, a new CURVE handshake)."""
+    with comm.Communicator([server.endpoint], config=cfg(keys, secret)) as c, \
+            c.backend() as be:
+        return be.get_page(store[1], 3, LSN, timeout=1.0)
+
+
+def test_clients_directory_is_read_for_each_new_connection(store, keys, tmp_path, caplog):
+    """docs/operations.md: removing a key file revokes the client for new connections;
+    a key file added while the server runs admits its client; a bad file is skipped."""
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    shutil.copy(keys["client_pub"], clients / "reader.key")
+    st = open_shard_store(store[0], 0, readonly=True)
+    srv = PageServer(st, shard=0, shard_count=2, stripe_size=16,
+                     curve_secret=str(keys["server_sec"]), curve_clients=str(clients)).start()
+    try:
+        want = synth_pages(store[1], [3], LSN)[0]
+        assert read_one(srv, store, keys, "client_sec") == want
+        with pytest.raises(comm.RequestTimeout, match="CURVE"):
+            read_one(srv, store, keys, "rogue_sec")  # not listed yet
+
+        (clients / "reader.key").unlink()
+        with pytest.raises(comm.RequestTimeout, match="CURVE"):
+            read_one(srv, store, keys, "client_sec")  # revoked for new connections
+
+        (clients / "junk.key").write_text("not a certificate\n")
+        (clients / "short.key").write_text('curve\n    public-key = "abc"\n')
+        shutil.copy(keys["rogue_pub"], clients / "rogue.key")
+        with caplog.at_level(logging.WARNING, logger="shards._curve"):
+            assert read_one(srv, store, keys, "rogue_sec") == want  # added later: admitted
+        skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+        assert any("junk.key" in m for m in skipped) and any("short.key" in m for m in skipped)
+        with pytest.raises(comm.RequestTimeout, match="CURVE"):
+            read_one(srv, store, keys, "client_sec")  # still revoked
+
+        shutil.copy(keys["client_pub"], clients / "reader.key")
+        assert read_one(srv, store, keys, "client_sec") == want  # listed again
+    finally:
+        srv.stop()
+        st.close()
+
+
 def test_a_wrong_server_key_times_out_naming_it(server, store, keys, tmp_path):
     other_pub, _ = keygen(tmp_path, "other")  # taken for the server's public key
     config = comm.CommConfig(curve_secret=str(keys["client_sec"]),
@@ -109,9 +155,10 @@ def test_plaintext_off_loopback_is_refused_unless_insecure(store, caplog):
     st = open_shard_store(store[0], 0, readonly=True)
     try:
         with pytest.raises(ValueError, match="without CURVE"):
-            PageServer(st, bind="tcp://0.0.0.0:0")
+            PageServer(st, shard_count=2, stripe_size=16, bind="tcp://0.0.0.0:0")
         with caplog.at_level(logging.WARNING):
-            srv = PageServer(st, bind="tcp://0.0.0.0:0", insecure=True)
+            srv = PageServer(st, shard_count=2, stripe_size=16, bind="tcp://0.0.0.0:0",
+                             insecure=True)
         assert any("WITHOUT authentication" in r.getMessage() for r in caplog.records)
         del srv
     finally:

@@ -170,7 +170,36 @@ def test_cli_and_refusals(pg_cluster: PgCluster, tmp_path: Path,
             import_pgdata(pg.pgdata, tmp_path / "s3")
     finally:
         pg.cleanup()
-    assert main(["import-pgdata", str(tmp_path), "--store", str(tmp_path / "s4")]) == 1
+    # a refusal is a usage error: status 2 and one line, like every other command
+    capsys.readouterr()
+    for argv, why in (([str(tmp_path), "--store", str(tmp_path / "s4")],
+                       "not a PostgreSQL data directory"),
+                      ([str(tmp_path / "nope"), "--store", str(tmp_path / "s4")],
+                       "not a directory"),
+                      ([str(pg_cluster.pgdata), "--store", str(store), "--shard-count", "3",
+                        "--no-progress"], "holds 2 shard")):
+        assert main(["import-pgdata", *argv]) == 2, why
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and why in err, err
+
+
+def test_cli_failure_while_writing_exits_1(pg_cluster: PgCluster, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An unexpected failure during the import (the store failing while written) is
+    status 1, one line; a refusal is 2 (test_cli_and_refusals)."""
+    import shards._pgimport as mod
+    from shards import StoreError
+
+    def failing_flush(self: mod._Importer) -> None:
+        raise StoreError("write transaction failed: MDB_MAP_FULL (simulated)")
+
+    monkeypatch.setattr(mod._Importer, "flush", failing_flush)
+    assert main(["import-pgdata", str(pg_cluster.pgdata), "--store", str(tmp_path / "s"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: import failed: ") and err.count("\n") == 1, err
+    assert "MDB_MAP_FULL" in err
 
 
 def test_import_below_a_generated_stores_lsn_is_refused(pg_cluster: PgCluster,

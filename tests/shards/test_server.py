@@ -352,6 +352,59 @@ def test_lifecycle(store: PageStore) -> None:
         PageServer(store, latency=-1)
 
 
+def test_pages_put_one_by_one_are_served(tmp_path: Path) -> None:
+    """PageStore.put_page extends the relation, so a server finds what was put."""
+    with PageStore(tmp_path / "one", map_size=1 << 28) as st:
+        for b in range(4):
+            st.put_page(REL, b, 100, page(REL, b, 100))
+        with PageServer(st) as srv:
+            c = Client(srv.endpoint)
+            try:
+                r = c.call(c.get([0, 3], lsn=100))
+                assert r.status == Status.OK, r
+                assert r.pages == (page(REL, 0, 100), page(REL, 3, 100))
+                r = c.call(RelSizeRequest(99, 0, NORMAL, 100, 0, REL, False))
+                assert r.status == Status.OK and r.nblocks == 4
+                r = c.call(c.get([4], lsn=100))
+                assert r.status == Status.NOT_FOUND and "beyond" in r.reason
+            finally:
+                c.close()
+
+
+def test_a_store_of_another_layout_is_refused(tmp_path: Path) -> None:
+    """The trial's mistake: shard 0's store served as shard 1 answered "not found" for
+    pages it holds. A store whose meta records its layout must be served with it."""
+    with PageStore(tmp_path / "m", map_size=1 << 28) as st:
+        st.set_meta({"shard": 0, "shard_count": 2, "stripe_size": 16, "source": "synth"})
+        for kw, given in ((dict(shard=1, shard_count=2, stripe_size=16), "shard=1"),
+                          (dict(shard=0, shard_count=3, stripe_size=16), "shard_count=3"),
+                          (dict(shard=0, shard_count=2, stripe_size=2048), "stripe_size=2048"),
+                          (dict(), "shard_count=1")):
+            with pytest.raises(ShardsError, match="shard=0, shard_count=2, stripe_size=16") \
+                    as ei:
+                PageServer(st, **kw)
+            assert isinstance(ei.value, ValueError) and given in str(ei.value)
+            assert str(st.path) in str(ei.value)
+        PageServer(st, shard=0, shard_count=2, stripe_size=16)  # its own layout: fine
+        # one shard on both sides: the stripe size maps nothing and is not compared
+        st.set_meta({"shard": 0, "shard_count": 1, "stripe_size": 16})
+        PageServer(st)
+        with pytest.raises(ShardsError, match="shard_count=1"):
+            PageServer(st, shard=1, shard_count=2, stripe_size=16)
+        st.set_meta({"shard_count": 2})  # only what is recorded is compared
+        PageServer(st, shard=1, shard_count=2, stripe_size=8)
+
+
+def test_a_generated_shard_served_as_another_is_refused(tmp_path: Path) -> None:
+    from shards import generate_store, open_shard_store
+
+    generate_store(tmp_path / "g", 2, 16, rels=1, nblocks=32, lsns=(100,))
+    with open_shard_store(tmp_path / "g", 0, readonly=True) as st:
+        with pytest.raises(ShardsError, match="holds shard=0, shard_count=2, stripe_size=16"
+                           ".*shard=1, shard_count=2, stripe_size=16"):
+            PageServer(st, shard=1, shard_count=2, stripe_size=16)
+
+
 def test_ipc_path_of_a_live_server_is_refused_like_a_tcp_port(store: PageStore,
                                                                tmp_path: Path) -> None:
     """zmq's ipc bind replaces the socket file: a second server would silently take the

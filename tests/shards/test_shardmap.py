@@ -13,17 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shards._errors import InvalidArgument, InvalidArgumentType, ShardsError
 from shards._shardmap import (
     DEFAULT_STRIPE_SIZE,
     check_shard_params,
     hash_combine,
     murmurhash32,
     shard_for,
+    shard_for_unchecked,
 )
 from shards._types import (
     FSM_FORKNUM,
     INIT_FORKNUM,
     MAIN_FORKNUM,
+    MAX_BLOCKNO,
     VISIBILITYMAP_FORKNUM,
     RelTag,
 )
@@ -87,8 +90,8 @@ def test_init_fork_and_unsharded_go_to_shard_0():
     for blkno in (0, 1, 2048, 10**6, 0xFFFFFFFE):
         for rel in (1, 16384, 0x400C, 0xFFFFFFFF):
             assert shard_for(RelTag(1663, 5, rel, INIT_FORKNUM), blkno, 8) == 0
-            for count in (0, 1):
-                assert shard_for(RelTag(1663, 5, rel, MAIN_FORKNUM), blkno, count) == 0
+            assert shard_for(RelTag(1663, 5, rel, MAIN_FORKNUM), blkno, 1) == 0
+            # (shard_count 0 is refused: test_shard_for_checks_its_arguments)
 
 
 def test_other_forks_are_sharded_like_main():
@@ -146,3 +149,45 @@ def test_check_shard_params_rejects(count, stripe):
 def test_check_shard_params_accepts():
     check_shard_params(1, 1)
     check_shard_params(255, DEFAULT_STRIPE_SIZE)
+
+
+R = RelTag(1663, 5, 16384)
+
+
+@pytest.mark.parametrize("args,err,name", [
+    ((R, 0, 2, 0), InvalidArgument, "stripe_size"),
+    ((R, 0, 2, -1), InvalidArgument, "stripe_size"),
+    ((R, 0, 2, 1.5), InvalidArgumentType, "stripe_size"),
+    ((R, 0, 2, True), InvalidArgumentType, "stripe_size"),
+    (("x", 0, 2, 8), InvalidArgumentType, "rel"),
+    (((1663, 5, 16384, 0), 0, 2, 8), InvalidArgumentType, "rel"),
+    ((RelTag(1663, 5, -1), 0, 2, 8), InvalidArgument, "RelTag.rel"),
+    ((RelTag(1663, 5, 16384, 9), 0, 2, 8), InvalidArgument, "fork"),
+    ((R, -1, 2, 8), InvalidArgument, "blkno"),
+    ((R, MAX_BLOCKNO + 1, 2, 8), InvalidArgument, "blkno"),
+    ((R, 2**32, 2, 8), InvalidArgument, "blkno"),
+    ((R, 1.0, 2, 8), InvalidArgumentType, "blkno"),
+    ((R, 0, 0, 8), InvalidArgument, "shard_count"),
+    ((R, 0, 256, 8), InvalidArgument, "shard_count"),
+    ((R, 0, 2.0, 8), InvalidArgumentType, "shard_count"),
+    ((R, 0, False, 8), InvalidArgumentType, "shard_count"),
+])
+def test_shard_for_checks_its_arguments(args, err, name):
+    with pytest.raises(err, match=name) as ei:
+        shard_for(*args)
+    assert isinstance(ei.value, ShardsError)
+    assert isinstance(ei.value, ValueError if err is InvalidArgument else TypeError)
+
+
+def test_shard_for_limits_accepted():
+    assert shard_for(R, MAX_BLOCKNO, 255, 1) in range(255)
+    assert shard_for(R, 0, 1, 1) == 0
+    assert shard_for(R, 0, 255) in range(255)
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(0, MAX_BLOCKNO), st.integers(1, 255),
+       st.integers(1, 1 << 20), st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_unchecked_is_the_same_hash(rel, blkno, count, stripe, fork):
+    tag = RelTag(1663, 5, rel, fork)
+    assert shard_for_unchecked(tag, blkno, count, stripe) == shard_for(tag, blkno, count, stripe)

@@ -164,12 +164,12 @@ def test_import_store_errors(tmp_path: Path, pgdata: Path, store4: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     rc, err = _run(["import-pgdata", str(pgdata), "--store", UNWRITABLE, "--lsn", "0/100",
                     "--no-progress"], capsys)
-    assert rc == 1  # the import failed (status 1, as tests/integration expect)
+    assert rc == 2  # refused before importing anything: 2, like generate's unwritable store
     _assert_one_line_error(err, UNWRITABLE)
     layout = (store4 / "layout.json").read_bytes()
     rc, err = _run(["import-pgdata", str(pgdata), "--store", str(store4), "--lsn", "0/100",
                     "--shard-count", "2", "--no-progress"], capsys)
-    assert rc == 1
+    assert rc == 2  # a store of another layout: a usage error
     _assert_one_line_error(err, "holds 4 shard(s)", "not 2 with 2")
     assert (store4 / "layout.json").read_bytes() == layout
     bad = tmp_path / "bad"

@@ -96,6 +96,38 @@ def test_drop_hides_old_pages(store: PageStore) -> None:
     assert store.get_pages(REL, [0, 1], 35) == [page(3), None]
 
 
+def test_put_page_extends_the_relation(store: PageStore) -> None:
+    """PageStore.put_page (one page, its own transaction) makes the relation at least
+    blkno+1 blocks long at its LSN; a batch's put_page leaves sizes to set_nblocks."""
+    for b in range(4):
+        store.put_page(REL, b, 100, page(b))
+    assert store.nblocks(REL, 99) is None
+    assert store.nblocks(REL, 100) == 4
+    assert store.relations(100) == {REL}
+    store.put_page(REL, 1, 200, page(9))        # inside the relation: size unchanged
+    assert store.nblocks(REL, 200) == 4
+    store.set_nblocks(REL, 300, 10)
+    store.put_page(REL, 20, 250, page(20))      # extends at 250, not the later size
+    assert [store.nblocks(REL, x) for x in (249, 250, 299, 300)] == [4, 21, 21, 10]
+    store.put_page(REL, 2, 300, page(2))
+    assert store.nblocks(REL, 300) == 10
+    store.drop_relation(REL, 400)
+    store.put_page(REL, 0, 500, page(5))        # after a drop: created anew
+    assert store.nblocks(REL, 450) is None and store.nblocks(REL, 500) == 1
+    assert store.get_pages(REL, [0, 1], 500) == [page(5), None]
+    store.drop_relation(REL2, 600)
+    store.put_page(REL2, 2, 600, page(6))       # at the drop's own LSN: re-created
+    assert store.nblocks(REL2, 600) == 3 and store.get_page(REL2, 2, 600) == page(6)
+    store.put_page(REL, MAX_BLOCKNO, 700, page(7))
+    assert store.nblocks(REL, 700) == MAX_BLOCKNO + 1
+    with store.batch() as b:
+        b.put_page(REL2, 7, 800, page(8))
+    assert store.nblocks(REL2, 800) == 3         # batches set sizes explicitly
+    with pytest.raises(ValueError, match="page"):
+        store.put_page(RelTag(1, 1, 1), 5, 900, b"short")
+    assert store.nblocks(RelTag(1, 1, 1), 900) is None  # a refused write changes nothing
+
+
 def test_db_size_and_slru(store: PageStore) -> None:
     assert store.db_size(5, MAX_LSN) is None
     store.set_db_size(5, 10, 1000)
