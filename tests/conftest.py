@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,18 @@ def no_leaked_threads():
             break
         time.sleep(0.01)
     assert not leaked, f"leaked threads: {leaked}"
+
+
+@pytest.fixture
+def made_dirs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every directory tempfile.mkdtemp creates during the test (to check clean-ups)."""
+    paths: list[Path] = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kw: Any) -> str:
+        path = real(*args, **kw)
+        paths.append(Path(path))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return paths

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def made(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Every directory tempfile.mkdtemp creates during the test."""
-    paths: list[Path] = []
-    real = tempfile.mkdtemp
-
-    def mkdtemp(*args: Any, **kw: Any) -> str:
-        path = real(*args, **kw)
-        paths.append(Path(path))
-        return path
-
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
-    return paths
+def made(made_dirs: list[Path]) -> list[Path]:
+    """Every directory tempfile.mkdtemp creates during the test (tests/conftest.py)."""
+    return made_dirs
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ left running, and SIGTERM exits 143 (128 + SIGTERM) like the bench."""
 from __future__ import annotations
 
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,22 +41,15 @@ def _term(*_: Any, **__: Any) -> None:
 
 @pytest.mark.parametrize("step", ["pgbench", "import"])
 def test_sigterm_during_the_postgresql_steps_removes_the_cluster(
-        step: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        step: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        made_dirs: list[Path]) -> None:
     """pgbench: inside make_pgbench_cluster (the server is running); import: the cluster
     was made, but run() did not know it yet and left /tmp/pgcluster-* behind (exit 130)."""
     require_pg()
     from comm import _demo
     from shards import _pgcluster
 
-    made: list[Path] = []
-    real = tempfile.mkdtemp
-
-    def mkdtemp(*args: Any, **kw: Any) -> str:
-        path = real(*args, **kw)
-        made.append(Path(path))
-        return path
-
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    made = made_dirs
     if step == "pgbench":
         monkeypatch.setattr(_pgcluster.PgCluster, "pgbench", _term)
     else:
