@@ -21,6 +21,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ._errors import InvalidArgument, ShardsError
 
 log = logging.getLogger(__name__)
 _Z85_KEY_LEN = 40  # a 32-byte CURVE key in Z85
+_MAX_KEY_FILE = 64 * 1024  # a key file is a few hundred bytes; anything larger is not one
 
 
 class CurveKeyError(ShardsError):
@@ -82,8 +84,8 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` file."""
     try:
         public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as e:
-        raise CurveKeyError(f"cannot read CURVE secret key file {path}: {e}") from None
+    except Exception as e:  # OSError, ValueError, IndexError (a line without '='), ...
+        raise CurveKeyError(f"cannot read CURVE secret key file {path}: {e!r}") from None
     if secret is None:
         raise CurveKeyError(f"{path} holds no secret key (pass the .key_secret file)")
     return public, secret
@@ -92,7 +94,7 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 def load_public(path: str | os.PathLike[str]) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # any parse error: one typed error naming the file
         raise CurveKeyError(f"cannot read CURVE public key file {path}: {e}") from None
     return public
 
@@ -186,8 +188,10 @@ class ClientKeys:
                         except OSError:
                             out.append((e.name, -1, -1, -1, -1))  # dangling: _read skips it
                             continue
-                        # ctime too: a chmod making an unreadable file readable counts
-                        out.append((e.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size,
+                        # ctime too: a chmod making an unreadable file readable counts;
+                        # size -2: not a regular file (a FIFO would block the reader)
+                        size = st.st_size if stat.S_ISREG(st.st_mode) else -2
+                        out.append((e.name, st.st_mtime_ns, st.st_ctime_ns, size,
                                     st.st_ino))
             return tuple(sorted(out))
         except OSError:
@@ -210,12 +214,17 @@ class ClientKeys:
 
     def _read(self, listing: tuple[tuple[str, int, int, int, int], ...]) -> frozenset[bytes]:
         keys = set()
-        for name, *_ in listing:
+        for name, _, _, size, _ in listing:
             path = self.directory / name
+            if size == -2 or size > _MAX_KEY_FILE:
+                log.warning("CURVE clients directory: skipping %s: not a regular key file "
+                            "of at most %d bytes", path, _MAX_KEY_FILE)
+                continue
             try:
                 public, _ = zmq.auth.load_certificate(str(path))
-            except (OSError, ValueError) as e:  # messages name the file, never a key
-                log.warning("CURVE clients directory: skipping %s: %s", path, e)
+            except Exception as e:  # any parse error skips the file; messages name it,
+                # never a key
+                log.warning("CURVE clients directory: skipping %s: %r", path, e)
                 continue
             if not _is_z85_key(public):
                 log.warning("CURVE clients directory: skipping %s: its public-key is not "

@@ -290,7 +290,7 @@ class PageServer:
             sock.bind(self.bind)
             with self._lock:
                 self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        except (zmq.ZMQError, ShardsError) as e:
+        except Exception as e:  # ZMQError, ShardsError, anything a key file can cause
             self._start_error = e
             sock.close(0)
             if auth is not None:

@@ -249,6 +249,13 @@ class StoreBatch:
             exists, cur = _RELSIZE_VAL.unpack(found[0])
             if exists and cur >= n:
                 return
+            if not exists and found[1] == lsn:
+                # dropped at this very LSN: the size is written, the drop marker kept, so
+                # the pages of the relation before the drop stay hidden (set_nblocks
+                # would delete the marker: an explicit re-creation)
+                key = _REL_KEY.pack(*rel, _inv(self._bump(lsn)))
+                self._txn.put(key, _RELSIZE_VAL.pack(1, n), db=self._dbs[b"relsize"])
+                return
         self.set_nblocks(rel, lsn, n)
 
     @_translate

@@ -101,3 +101,15 @@ def test_a_vanished_directory_refuses_everyone_and_never_raises(tmp_path: Path, 
     with caplog.at_level(logging.ERROR, logger="shards._curve"):
         assert keys.callback("*", pubs["a_key"]) is False
     assert any("checking a key failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_malformed_or_special_file_is_skipped_and_the_others_still_work(
+        tmp_path: Path) -> None:
+    """A key file with a line that pyzmq cannot parse (IndexError inside pyzmq), and a
+    FIFO (reading it would block the authenticator), are skipped with a warning."""
+    pub, _ = keygen(tmp_path, "good")
+    (tmp_path / "cut.key").write_text("metadata\ncurve\n    public-key\n")  # no '='
+    os.mkfifo(tmp_path / "pipe.key")
+    keys = ClientKeys(tmp_path)
+    assert keys.callback("*", load_public(pub)) is True
+    assert keys.callback("*", b"x" * 40) is False

@@ -96,6 +96,20 @@ def test_drop_hides_old_pages(store: PageStore) -> None:
     assert store.get_pages(REL, [0, 1], 35) == [page(3), None]
 
 
+def test_put_page_at_a_drops_lsn_keeps_the_old_pages_hidden(store: PageStore) -> None:
+    """A page put at the very LSN of a drop starts the new relation: the dropped
+    relation's pages must not come back (its drop marker stays)."""
+    for b in range(10):
+        store.put_page(REL, b, 50, page(b))
+    store.drop_relation(REL, 100)
+    store.put_page(REL, 0, 100, page(99))
+    assert store.nblocks(REL, 100) == 1 and store.get_page(REL, 0, 100) == page(99)
+    assert store.get_page(REL, 5, 100) is None
+    store.set_nblocks(REL, 200, 10)
+    assert store.get_page(REL, 5, 200) is None  # never the page from before the drop
+    assert store.get_page(REL, 5, 60) == page(5)  # still there at the old LSN
+
+
 def test_put_page_extends_the_relation(store: PageStore) -> None:
     """PageStore.put_page (one page, its own transaction) makes the relation at least
     blkno+1 blocks long at its LSN; a batch's put_page leaves sizes to set_nblocks."""
