@@ -379,8 +379,8 @@ class Communicator:
         if any(c is not None and c.auth_failed for c in conns):
             return " (the server refused our CURVE key)"
         if any(c is not None and c.handshake_failed and not c.connected for c in conns):
-            return (" (the CURVE handshake fails: is COMM_CURVE_SERVER_KEY the server's "
-                    "public key?)")
+            return (" (the CURVE handshake fails: is it a page server with CURVE keys, and "
+                    "is COMM_CURVE_SERVER_KEY its public key?)")
         if conns and not any(c is not None and c.connected for c in conns):
             return f" (not connected to {m.endpoints[shard]})"
         return ""

@@ -91,9 +91,9 @@ class Connection:
                 self.auth_failed = True
             elif ev & _HANDSHAKE_FAILED and self.curve is not None:
                 if not self.handshake_failed:
-                    log.error("%s: the CURVE handshake with %s fails; is the server key "
-                              "(COMM_CURVE_SERVER_KEY) that server's public key? Requests "
-                              "will time out", self.name, self.endpoint)
+                    log.error("%s: the CURVE handshake with %s fails: is it a page server "
+                              "with CURVE keys, and is COMM_CURVE_SERVER_KEY its public "
+                              "key? Requests will time out", self.name, self.endpoint)
                 self.handshake_failed = True
             elif ev == _UP and not self.connected:
                 self.connected = True

@@ -151,9 +151,16 @@ def deferred_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for signum in dict.fromkeys(held):
+        # restored with both blocked: a signal arriving between the two restores would
+        # raise here and leave the other on the recorder, lost
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            for s, h in old.items():
+                signal.signal(s, h)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # SIGTERM first: with both held, the exit status is SIGTERM's (143)
+        for signum in sorted(set(held), key=lambda n: n != signal.SIGTERM):
             signal.raise_signal(signum)  # its handler runs (and may raise) here
 
 

@@ -41,7 +41,7 @@ from shards.protocol import Kind, RequestClass, SlruKind
 from . import _ipc
 from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
-from ._metrics import LatencyRecorder
+from ._metrics import LatencyRecorder, merge_snapshots
 from ._procreq import CLOSED, ProcRequest, WireJob
 from ._validate import check_lsns, check_rel, check_timeout
 
@@ -153,13 +153,16 @@ class CommServer:
 
     def stop(self) -> None:
         """Stop serving (safe twice); attached backends see CommClosed."""
-        with self.comm._lock:
-            if self in self.comm._fronts:
-                self.comm._fronts.remove(self)
         if self._thread.is_alive():
             self._stopping = True
             os.write(self._bell_w, b"x")
             self._thread.join(10)
+        c = self.comm
+        with c._lock:  # its calls stay in the latency histogram (a counter never falls)
+            if self in c._fronts:
+                c._fronts.remove(self)
+                c._latency_retired = merge_snapshots(c._latency_retired,
+                                                     self.latency.snapshot())
 
     def release(self) -> None:
         """Unmap every segment; call after the communicator (its workers) stopped."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -57,20 +58,21 @@ def _cell() -> _proc._ProcCell:
 
 def test_interrupt_while_the_cell_is_made_leaves_no_directory(
         made: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C / SIGTERM in __init__ (after the directory was made, before ``with`` armed
-    close()) left /tmp/pagecomm-proc-* behind."""
-    ctx = _proc.mp.get_context("spawn")
+    """Ctrl-C arriving just as the cell's directory is made (before the clean-up that
+    removes it is armed) left /tmp/pagecomm-proc-* behind: the interrupt is now held
+    until the directory is recorded, and then the clean-up removes it."""
+    real = tempfile.mkdtemp  # made_dirs' recorder
 
-    class Ctx:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(ctx, name)
+    def mkdtemp_then_ctrl_c(*args: Any, **kw: Any) -> str:
+        path = real(*args, **kw)
+        if "pagecomm-proc-" in str(kw.get("prefix", "")):
+            signal.raise_signal(signal.SIGINT)  # lands inside deferred_interrupts
+        return path
 
-        def Queue(self) -> Any:  # noqa: N802  (multiprocessing's name)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(_proc.mp, "get_context", lambda method: Ctx())
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt), _cell():
         pass
+    assert any("pagecomm-proc-" in p.name for p in made)
     assert not [p for p in made if p.exists()]
 
 
