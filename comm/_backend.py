@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from prefetch import HIT, INFLIGHT, JOINED, MISS
 from shards import MAX_BLOCKNO, MAX_BLOCKS_PER_REQUEST, RelTag
-from shards._types import MAX_FORKNUM
-from shards._types import MAX_UINT32 as _U32
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from ._doorbell import Doorbells, hand_over, must_ring
@@ -58,13 +56,6 @@ if TYPE_CHECKING:
 _NORMAL = int(RequestClass.NORMAL)
 _GET_PAGES = int(Kind.GET_PAGES)
 _PREFETCH = int(RequestClass.PREFETCH)
-
-
-def _plain_rel(spc: Any, db: Any, rel: Any, fork: Any) -> bool:
-    """A RelTag's fields are plain ints in range (the hot path's check_rel)."""
-    return (type(spc) is int and type(db) is int and type(rel) is int and type(fork) is int
-            and 0 <= spc <= _U32 and 0 <= db <= _U32 and 0 <= rel <= _U32
-            and 0 <= fork <= MAX_FORKNUM)
 
 
 class Backend:
@@ -103,11 +94,7 @@ class Backend:
                   timeout: float | None, t0: float) -> bytes:
         self._enter()
         lsn, nms = check_lsns(lsn, not_modified_since)
-        # checked on every call (a cache of valid tags would let RelTag(1663.0, ...),
-        # equal to and hashed as RelTag(1663, ...), through to the wire encoder); the
-        # common case inline, anything else by check_rel, which names the problem
-        if type(rel) is not RelTag or not _plain_rel(*rel):
-            check_rel(rel)
+        check_rel(rel)  # every call: see check_rel
         blkno = blkno if type(blkno) is int and 0 <= blkno <= MAX_BLOCKNO else check_block(blkno)
         deadline = t0 + check_timeout(timeout, self._timeout)
         counts = self._counts

@@ -9,6 +9,8 @@ import threading
 from typing import Any
 
 from shards import MAX_BLOCKNO, RelTag, check_reltag
+from shards._types import MAX_FORKNUM
+from shards._types import MAX_UINT32 as _U32
 
 from ._errors import CommClosed, InvalidRequest
 
@@ -22,6 +24,15 @@ def _int(value: Any, name: str) -> int:
 
 
 def check_rel(rel: Any) -> RelTag:
+    """``rel`` if it is a valid RelTag, else InvalidRequest naming the field. Called on
+    every read (no cache of valid tags: RelTag(1663.0, ...) equals and hashes as
+    RelTag(1663, ...)), so the common case, plain ints in range, is checked inline."""
+    if type(rel) is RelTag:
+        spc, db, relno, fork = rel
+        if (type(spc) is int and type(db) is int and type(relno) is int
+                and type(fork) is int and 0 <= spc <= _U32 and 0 <= db <= _U32
+                and 0 <= relno <= _U32 and 0 <= fork <= MAX_FORKNUM):
+            return rel
     try:
         return check_reltag(rel)
     except (TypeError, ValueError) as e:
