@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from shards import (
     read_layout,
 )
 from shards._checksum import verify_page_checksums
+from shards._cli import deferred_interrupts
 from shards._pgimport import relation_path
 from shards._synth import MAX_RELS, MAX_SHARD_COUNT, generate_store, synth_pages
 
@@ -131,37 +131,6 @@ def env_config(prog: str, not_applied: Collection[str] | None, why: str) -> Comm
     if unused:
         print(f"{prog}: not applying {', '.join(unused)} ({why})", file=sys.stderr)
     return cfg
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back until the block ends, then delivered to the handlers
-    in place before it: for creating a temporary directory or a child process and arming
-    its clean-up in one step, so that no interrupt falls between the two. Keep the block
-    short. Main thread only (elsewhere, and with a handler not set from Python: no-op)."""
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.getsignal(s) for s in sigs}
-    if threading.current_thread() is not threading.main_thread() or \
-            any(h is None for h in old.values()):
-        yield
-        return
-    held: list[int] = []
-    for s in sigs:
-        signal.signal(s, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        # restored with both blocked: a signal arriving between the two restores would
-        # raise here and leave the other on the recorder, lost
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-        try:
-            for s, h in old.items():
-                signal.signal(s, h)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        # SIGTERM first: with both held, the exit status is SIGTERM's (143)
-        for signum in sorted(set(held), key=lambda n: n != signal.SIGTERM):
-            signal.raise_signal(signum)  # its handler runs (and may raise) here
 
 
 def temp_dir(stack: contextlib.ExitStack, prefix: str) -> Path:

@@ -10,7 +10,7 @@ requests (``WireJob``, one per shard, handed to the shard workers like any job).
 Every part writes its pages straight into the slot buffer the backend named, so
 a page is copied once from the reply into shared memory and once out of it by the
 backend. When the last part is done, the thread that completed it rings the
-backend (the slot's event: see _server._Attached.ring) and posts the request to
+backend (the slot's event: see _attached.Attached.ring) and posts the request to
 the front thread, which forgets it (or, for a backend without a completion FIFO,
 sends the completion message).
 """
@@ -39,7 +39,7 @@ class ProcRequest:
         self.error: BaseException | None = None
         self.exists, self.count, self.value = False, 0, 0
         self.abandoned = False  # the backend gave up or died: finish, send nothing useful
-        self.rung = False  # completed through the backend's FIFO (see _server._Attached)
+        self.rung = False  # completed through the backend's FIFO (see _attached.Attached)
         self.t0 = time.monotonic()  # taken in by the front; t1: completed (for metrics)
         self.t1 = 0.0
         # GET_PAGES: the front's hook to read again positions whose part failed on its

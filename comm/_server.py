@@ -26,10 +26,8 @@ import errno
 import json
 import logging
 import os
-import stat
 import threading
 import time
-from multiprocessing import shared_memory
 from typing import Any
 
 import zmq
@@ -39,6 +37,7 @@ from shards._endpoint import ipc_in_use, remove_ipc
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from . import _ipc
+from ._attached import Attached, done_of
 from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
 from ._metrics import LatencyRecorder, merge_snapshots
@@ -51,73 +50,6 @@ _LIVENESS_INTERVAL = 0.2
 _NORMAL_CLASS = int(RequestClass.NORMAL)
 
 
-class _Attached:
-    """One attached backend process. The front thread owns it, except ``ring()``,
-    which any completing thread calls."""
-
-    def __init__(self, bid: int, ident: bytes, pid: int, slots: int, ring_path: str) -> None:
-        self.id, self.ident, self.pid, self.slots = bid, ident, pid, slots
-        self.name = f"proc-backend-{bid}(pid {pid})"
-        self.shm = shared_memory.SharedMemory(create=True, size=_ipc.segment_bytes(slots))
-        self.pending: dict[int, ProcRequest] = {}
-        self.gone = False
-        # _lock guards: ring_fd and the mapping of shm, between ring() (any thread)
-        # and close() (front thread): a ring never goes to a closed, reused fd
-        self._lock = threading.Lock()
-        self.ring_fd: int | None = _open_ring(ring_path, self.name) if ring_path else None
-
-    def ring(self, p: ProcRequest) -> bool:
-        """Any thread: complete ``p`` through shared memory and the FIFO. False if
-        that is not possible (no FIFO, the backend left): the front sends it."""
-        with self._lock:  # held over one non-blocking write: never long
-            fd, buf = self.ring_fd, self.shm.buf
-            if fd is None or self.gone or buf is None:
-                return False
-            _ipc.write_completion(buf, self.slots, _done_of(p))
-            p.rung = True  # before the ring: the backend may reuse the slot at once
-            try:
-                os.write(fd, _ipc.encode_ring(p.slot, p.use))
-            except OSError:  # the backend closed its end (it left or died), or it is full
-                p.rung = False
-                return False
-            return True
-
-    def close(self) -> None:
-        """Front thread: unmap the segment and close the FIFO (no ring in progress)."""
-        with self._lock:
-            if self.ring_fd is not None:
-                os.close(self.ring_fd)
-                self.ring_fd = None
-            try:
-                self.shm.close()
-            except BufferError:
-                log.warning("%s: segment still in use at close", self.name)
-
-    def view(self, slot: int) -> memoryview:
-        buf = self.shm.buf
-        assert buf is not None  # mapped until _drop()
-        return buf[slot * _ipc.SLOT_BYTES:(slot + 1) * _ipc.SLOT_BYTES]
-
-
-def _open_ring(path: str, name: str) -> int | None:
-    """The write end of a backend's completion FIFO, or None (then completions go over
-    the socket). Only a FIFO is opened: a backend names the path, and whoever may
-    connect must not make the communicator write into a file or open a device."""
-    try:
-        if not stat.S_ISFIFO(os.lstat(path).st_mode):
-            raise OSError(f"{path!r} is not a FIFO")
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
-    except (OSError, ValueError) as e:
-        log.warning("%s: cannot use its completion FIFO (%s); completions go over the "
-                    "socket", name, e)
-        return None
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # swapped between the two looks
-        os.close(fd)
-        log.warning("%s: %r is not a FIFO; completions go over the socket", name, path)
-        return None
-    return fd
-
-
 class CommServer:
     def __init__(self, comm: Any, listen: str) -> None:
         self.comm, self.listen = comm, listen
@@ -125,10 +57,10 @@ class CommServer:
         # (front thread only: observed when the request is forgotten)
         self.latency = LatencyRecorder()
         self.endpoint = ""
-        self._by_ident: dict[bytes, _Attached] = {}  # front thread only
+        self._by_ident: dict[bytes, Attached] = {}  # front thread only
         # gone with requests still pending: unmapped when the last is forgotten, or by
         # release() (the front may have stopped before that)
-        self._leaving: dict[int, _Attached] = {}
+        self._leaving: dict[int, Attached] = {}
         self._outbox: collections.deque[ProcRequest] = collections.deque()
         # parts to read again (see _redo_hook), from any thread, for the front
         self._redo: collections.deque[tuple[ProcRequest, list[int], tuple[Any, ...]]] = \
@@ -246,7 +178,7 @@ class CommServer:
             pid, slots, ring_path = _ipc.decode_attach(msg)
             if att is not None:
                 self._drop(att)
-            att = _Attached(self.comm._new_backend_id(), ident, pid, slots, ring_path)
+            att = Attached(self.comm._new_backend_id(), ident, pid, slots, ring_path)
             self._by_ident[ident] = att
             log.info("attached %s with %d slots", att.name, slots)
             router.send_multipart([ident, _ipc.encode_attached(os.getpid(), att.id, slots,
@@ -278,7 +210,7 @@ class CommServer:
                 router.send_multipart([ident, b"s" + str(e).encode()])
 
     # ------------------------------------------------------------ requests
-    def _on_request(self, att: _Attached, r: _ipc.Req) -> None:
+    def _on_request(self, att: Attached, r: _ipc.Req) -> None:
         if r.kind == _ipc.PREFETCH:
             self._prefetch(att, r)
             return
@@ -295,7 +227,7 @@ class CommServer:
             p.fail(e)
         p.seal()
 
-    def _start(self, att: _Attached, p: ProcRequest, r: _ipc.Req) -> None:
+    def _start(self, att: Attached, p: ProcRequest, r: _ipc.Req) -> None:
         lsn, nms = check_lsns(r.lsn, r.nms)
         deadline = time.monotonic() + check_timeout(r.timeout, self.comm.config.request_timeout)
         m = self.comm._map
@@ -333,7 +265,7 @@ class CommServer:
         p.add_part()
         self._submit(job, m.worker_for(0, att.id))
 
-    def _get_pages(self, att: _Attached, p: ProcRequest, m: Any, rel: RelTag,
+    def _get_pages(self, att: Attached, p: ProcRequest, m: Any, rel: RelTag,
                    blocks: tuple[int, ...], lsn: int, nms: int, deadline: float) -> None:
         buf = self.comm._buffer
         args = (rel, blocks, lsn, nms, deadline)
@@ -351,7 +283,7 @@ class CommServer:
                             len(missing))
         self._fetch(att, p, m, args, missing)
 
-    def _fetch(self, att: _Attached, p: ProcRequest, m: Any, args: tuple[Any, ...],
+    def _fetch(self, att: Attached, p: ProcRequest, m: Any, args: tuple[Any, ...],
                positions: list[int]) -> None:
         """Wire requests for ``positions`` of a GET_PAGES request, one per shard."""
         rel, blocks, lsn, nms, deadline = args
@@ -365,7 +297,7 @@ class CommServer:
             p.add_part()
             self._submit(job, m.worker_for(shard, att.id))
 
-    def _redo_hook(self, att: _Attached, args: tuple[Any, ...]) -> Any:
+    def _redo_hook(self, att: Attached, args: tuple[Any, ...]) -> Any:
         """``ProcRequest.redo`` for a GET_PAGES request (called in any thread): positions
         whose part failed on its own terms are read again by the front, within the
         request's deadline. A joined prefetch that failed (its deadline, a lost server,
@@ -400,7 +332,7 @@ class CommServer:
             finally:
                 p.part_done()  # the part redo() added
 
-    def _prefetch(self, att: _Attached, r: _ipc.Req) -> None:
+    def _prefetch(self, att: Attached, r: _ipc.Req) -> None:
         try:
             rel = check_rel(RelTag(r.spc, r.db, r.rel, r.fork))
             lsn, nms = check_lsns(r.lsn, r.nms)
@@ -447,7 +379,7 @@ class CommServer:
                 self._completions["rung"] += 1
             else:
                 self._completions["sent"] += 1
-                router.send_multipart([att.ident, _ipc.encode_done(_done_of(p))])
+                router.send_multipart([att.ident, _ipc.encode_done(done_of(p))])
 
     # ------------------------------------------------------------ departures
     def _check_liveness(self) -> None:
@@ -460,7 +392,7 @@ class CommServer:
             except PermissionError:
                 pass  # alive, another user
 
-    def _abandon(self, att: _Attached) -> None:
+    def _abandon(self, att: Attached) -> None:
         """The backend left: give up its requests, unlink its segment now, unmap it
         once the workers are done with every slot."""
         att.gone = True
@@ -478,7 +410,7 @@ class CommServer:
         else:
             self._drop(att)
 
-    def _drop(self, att: _Attached) -> None:
+    def _drop(self, att: Attached) -> None:
         if not att.gone:
             self._abandon(att)
             return
@@ -496,16 +428,10 @@ class CommServer:
         return sum(len(a.pending) for a in list(self._by_ident.values()))
 
 
-def _done_of(p: ProcRequest) -> _ipc.Done:
-    if p.error is not None:
-        return _ipc.Done(p.slot, p.use, _ipc.status_of(p.error), False, 0, 0, str(p.error))
-    return _ipc.Done(p.slot, p.use, _ipc.OK, p.exists, p.count, p.value)
-
-
 class _Submitter:
     """What Communicator._prefetch needs of a backend, for a backend process."""
 
-    def __init__(self, server: CommServer, att: _Attached) -> None:
+    def __init__(self, server: CommServer, att: Attached) -> None:
         self.id, self.name, self._server = att.id, att.name, server
 
     def _submit(self, job: Any, w: Any) -> None:

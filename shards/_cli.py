@@ -2,7 +2,9 @@
 command's name, and Ctrl-C / SIGTERM ending a command with one line once its own
 clean-up has run (130 / 143) instead of a traceback or, for SIGTERM's default
 action, a process killed with its page servers and temporary stores left behind.
-(``comm`` imports this; ``shards`` imports nothing of ``comm``.)"""
+``deferred_interrupts`` holds Ctrl-C and SIGTERM back while a temporary directory
+or a child process is made and its clean-up armed. (``comm`` imports this;
+``shards`` imports nothing of ``comm``.)"""
 
 from __future__ import annotations
 
@@ -70,3 +72,34 @@ def term_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends, then delivered to the handlers
+    in place before it: for creating a temporary directory or a child process and arming
+    its clean-up in one step, so that no interrupt falls between the two. Keep the block
+    short. Main thread only (elsewhere, and with a handler not set from Python: no-op)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in sigs}
+    if threading.current_thread() is not threading.main_thread() or \
+            any(h is None for h in old.values()):
+        yield
+        return
+    held: list[int] = []
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        # restored with both blocked: a signal arriving between the two restores would
+        # raise here and leave the other on the recorder, lost
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            for s, h in old.items():
+                signal.signal(s, h)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # SIGTERM first: with both held, the exit status is SIGTERM's (143)
+        for signum in sorted(set(held), key=lambda n: n != signal.SIGTERM):
+            signal.raise_signal(signum)  # its handler runs (and may raise) here

@@ -68,3 +68,33 @@ def open_shard_store(store_dir: str | os.PathLike[str], shard: int, readonly: bo
     if shard >= count:
         raise InvalidArgument(f"shard={shard} is outside 0..{count - 1} of {store_dir}")
     return PageStore(path, readonly=readonly, **kwargs)
+
+
+_LAYOUT_KEYS = ("shard", "shard_count", "stripe_size")
+
+
+def check_store_layout(store: PageStore, shard: int, shard_count: int,
+                       stripe_size: int) -> None:
+    """InvalidArgument (a ShardsError) naming both layouts if ``store.meta()`` records
+    a shard, shard_count or stripe_size other than the ones given: serving a store
+    under another map answers "not found" for pages it holds. Keys the meta record
+    lacks are not checked (a plain PageStore has none); with one shard on both sides
+    the stripe size maps nothing and is not compared."""
+    meta_of = getattr(store, "meta", None)
+    if meta_of is None:
+        return
+    meta = meta_of()
+    recorded = {k: meta[k] for k in _LAYOUT_KEYS if k in meta}
+    given = {"shard": shard, "shard_count": shard_count, "stripe_size": stripe_size}
+    if shard_count == 1 and recorded.get("shard_count", 1) == 1:
+        recorded.pop("stripe_size", None)
+    if all(given[k] == v for k, v in recorded.items()):
+        return
+
+    def describe(layout: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={layout[k]!r}" for k in _LAYOUT_KEYS if k in layout)
+
+    raise InvalidArgument(
+        f"page store {getattr(store, 'path', store)} holds {describe(recorded)}, but the "
+        f"server was asked to serve {describe(given)}: a server must serve its store with "
+        f"the layout the store was written for")

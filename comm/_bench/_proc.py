@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from shards import LocalCluster, RelTag
+from shards._cli import deferred_interrupts
 
 from .._config import ENV_PREFIX
-from .._demo import deferred_interrupts
 from ._pagecomm import PagecommBackend, prefetch_buffer_pages
 from ._setup import (
     COPIES_PER_PAGE,
