@@ -202,3 +202,71 @@ def test_a_foreground_read_does_not_wait_for_a_scan_reply_to_wake_the_worker(mon
             # it was sent while the prefetch was still out (without the doorbell only
             # the sweep, 60 s away, would have sent it)
             assert wait_for(lambda: srv.requests == 2, timeout=5)
+
+
+@pytest.mark.parametrize("stuck", [1, 3])
+def test_a_foreground_read_is_sent_while_other_reads_are_stuck(monkeypatch, stuck):
+    # with small requests in flight the worker is not rung at once (the next reply
+    # wakes it), but that reply may be far off (a slow server, a cold page): a read
+    # must not wait for it, nor for the sweep (60 s here), only for the doze. With
+    # one stuck read the worker naps and turns `dozing`; with three, it sleeps and
+    # the read rings because the worker has slept longer than DOZE.
+    monkeypatch.setattr("comm._worker._SWEEP_INTERVAL", 60.0)
+    cfg = comm.CommConfig(request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True  # requests are counted, never answered
+        errors: list[BaseException] = []
+
+        def stuck_read(i: int) -> None:
+            with c.backend() as be:  # one relation each: never coalesced into one request
+                try:
+                    be.get_page(RelTag(1663, 5, 20000 + i), 0, lsn=100, timeout=2.0)
+                except comm.RequestTimeout as e:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=stuck_read, args=(b,)) for b in range(stuck)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: srv.requests == stuck, timeout=5)
+        with c.backend() as be:
+            with pytest.raises(comm.RequestTimeout):
+                be.get_page(REL, 500, lsn=100, timeout=0.5)
+            # sent within the doze, long before the sweep could have sent it
+            assert srv.requests == stuck + 1
+        for t in threads:
+            t.join(10)
+        assert len(errors) == stuck
+
+
+def test_a_foreground_read_is_sent_while_a_single_page_prefetch_is_stuck(monkeypatch):
+    # a one-page prefetch is a small request: it must not hold back a foreground read
+    monkeypatch.setattr("comm._worker._SWEEP_INTERVAL", 60.0)
+    cfg = comm.CommConfig(request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.frozen = True
+        with c.backend() as be:
+            assert be.prefetch(REL, [100], lsn=100) == 1
+            assert wait_for(lambda: srv.requests == 1, timeout=5)
+            with pytest.raises(comm.RequestTimeout):
+                be.get_page(REL, 5, lsn=100, timeout=0.5)
+            assert srv.requests == 2
+
+
+def test_must_ring_for_a_foreground_read_after_the_doze_only_once():
+    from types import SimpleNamespace
+
+    from comm._doorbell import DOZE, must_ring
+
+    fg, pf = SimpleNamespace(cls=0), SimpleNamespace(cls=1)
+    w = SimpleNamespace(idle=False, idle_fg=False, dozing=False, asleep_at=0.0)
+    assert not must_ring(w, fg)  # awake (asleep_at 0): it will see the inbox
+    w.asleep_at = time.monotonic()
+    assert not must_ring(w, fg)  # just fell asleep: the next reply is likely near
+    w.asleep_at = time.monotonic() - 2 * DOZE
+    assert not must_ring(w, pf)  # a prefetch never rings a worker with work out
+    assert must_ring(w, fg)
+    assert not must_ring(w, fg)  # one ring per long sleep
+    w.dozing = True
+    assert must_ring(w, fg) and not must_ring(w, pf)
+    w.dozing, w.idle = False, True
+    assert must_ring(w, pf)
