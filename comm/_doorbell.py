@@ -9,7 +9,6 @@ is described in comm/_worker.py.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import zmq
@@ -21,13 +20,9 @@ from ._slot import settle
 
 DOORBELL = b"\x01"  # pipe message that wakes a sleeping worker
 _NORMAL = int(RequestClass.NORMAL)  # a foreground read
-# A worker asleep this long with small requests out is rung for foreground reads. It
-# naps that long (a timed wakeup) only with at most NAP_BELOW of them out: with more,
-# replies come often, and under load the naps would cost more than they save.
+# A worker with small requests in flight naps this long before a foreground read
+# rings it (see ShardWorker._sleep): the bound on how long such a read may wait.
 DOZE_MS = 2
-DOZE = DOZE_MS / 1000
-NAP_BELOW = 2
-
 
 def stop_error(w: Any) -> CommError:
     """What a job left with a stopped worker fails with: WrongShard if the worker was
@@ -56,20 +51,21 @@ def hand_over(w: Any, job: Any) -> bool:
 
 def must_ring(w: Any, job: Any) -> bool:
     """Whether handing ``job`` to worker ``w`` must ring its pipe: the worker may sleep
-    with nothing in flight, or, for a foreground read, with only bulk requests (scans,
-    prefetches) in flight, whose replies may be far off, or with small ones for
-    longer than DOZE (see ShardWorker._sleep)."""
+    with nothing in flight; or, for a foreground read, with only bulk requests (scans,
+    prefetches) in flight, whose replies may be far off; or past its nap with small
+    ones in flight (see ShardWorker._sleep). A dozing worker is rung once: the flag is
+    cleared here (backends racing on it may each ring; an extra ring costs nothing
+    but a wakeup)."""
     if w.idle:
         return True
     if job.cls != _NORMAL:
         return False
-    if w.idle_fg or w.dozing:
+    if w.idle_fg:
         return True
-    asleep_at = w.asleep_at
-    if asleep_at == 0.0 or time.monotonic() - asleep_at <= DOZE:
-        return False
-    w.asleep_at = 0.0  # one ring per long sleep is enough (a race only adds one)
-    return True
+    if w.dozing:
+        w.dozing = False
+        return True
+    return False
 
 
 class Doorbells:

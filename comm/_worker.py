@@ -6,8 +6,8 @@ The worker owns two sockets, both created in its own thread: the PULL end of its
 pipe and one DEALER connection to its shard's page server. Backends append jobs
 (slots, prefetch requests) to the worker's ``inbox`` deque and ring the pipe only
 when the worker is about to sleep (``idle``; for a foreground read also
-``idle_fg``: asleep with only bulk requests in flight, or asleep for longer than a
-doze with small ones: see ``_sleep``): a doorbell. pyzmq releases
+``idle_fg``: asleep with only bulk requests in flight, and ``dozing``: asleep past a
+short nap with small ones in flight, see ``_sleep``): a doorbell. pyzmq releases
 the GIL in every socket call, so each avoided call is an avoided GIL hand-off;
 under load the backends never touch a socket. The race is closed by ordering: a
 backend appends, then reads the flags; the worker sets them, then re-reads the
@@ -58,7 +58,7 @@ from shards.protocol import (
 
 from ._batch import Batch, coalesce, is_bulk
 from ._conn import Connection
-from ._doorbell import DOZE_MS, NAP_BELOW, stop_error
+from ._doorbell import DOZE_MS, stop_error
 from ._errors import CommClosed, InvalidRequest, RequestTimeout, ShardUnavailable
 from ._outcome import error_for, mismatch, per_block, result_of
 from ._slot import settle
@@ -112,8 +112,7 @@ class ShardWorker:
         self.inbox: collections.deque[Any] = collections.deque()
         self.idle = False  # True while the worker may block in poll: ring the doorbell
         self.idle_fg = False  # ... with only bulk in flight (far-off replies): ring for fg
-        self.dozing = False  # ... or past its nap (see _sleep): ring for fg reads too
-        self.asleep_at = 0.0  # when it fell asleep with small requests out (0: it did not)
+        self.dozing = False  # ... or past its nap with small ones out (_sleep): ring for fg
         self.stopped = False  # set as the thread ends: jobs handed over after are refused
         self.retired = False  # set before a STOP when its shard map was replaced
         # below: touched only by the worker thread
@@ -183,15 +182,16 @@ class ShardWorker:
             self._pump()
             if self._done:
                 self._deliver()
-            for sock, _ in self._sleep(poller):
+            events = self._sleep(poller)
+            # awake: no rings from here (the inbox is taken at the top of the loop)
+            self.idle = self.idle_fg = self.dozing = False
+            for sock, _ in events:
                 if sock is pull:
                     self._drain_pipe(pull)
                 elif sock is conn.dealer:
                     self._drain_replies()
                 else:
                     self._on_conn_events()
-            self.idle = self.idle_fg = self.dozing = False
-            self.asleep_at = 0.0
             if self._blocked and conn.dealer.poll(0, zmq.POLLOUT):
                 self._blocked = False
             now = time.monotonic()
@@ -206,32 +206,36 @@ class ShardWorker:
                 poller, generation = self._poller(pull), conn.generation
 
     def _sleep(self, poller: zmq.Poller) -> list[tuple[Any, int]]:
-        """Wait for a reply, a doorbell or the sweep. With small requests in flight, a
-        foreground read does not ring at once (the next reply will wake us, and rings
-        cost wakeups under load), but that reply may be far off: a slow server, a cold
-        page, single-page prefetches to a stuck server. So a worker asleep for DOZE is
-        rung for foreground reads (``asleep_at``, read by must_ring); and with at most
-        NAP_BELOW small requests out, it naps DOZE first and then turns ``dozing``, so
-        that a read which came during the nap is sent too. A foreground read thus
-        waits about DOZE at most for a worker with nothing to do."""
+        """Wait for a reply, a doorbell, a retry falling due or the sweep.
+
+        With small requests in flight (single pages, their batches, metadata), a
+        foreground read does not ring: the next reply will wake the worker, and
+        under load rings would cost more wakeups than they save. But that reply
+        may be far off (a slow server, a cold page, single-page prefetches to a
+        stuck one). So the worker naps DOZE_MS first; if nothing came, it turns
+        ``dozing`` (a foreground read rings, see must_ring) and looks at its inbox
+        again for one that came during the nap. A foreground read waits about
+        DOZE_MS at most for a worker with nothing else to do; under load replies
+        come sooner and the nap costs nothing."""
         inbox, small = self.inbox, self._win.small
         busy = self._inflight or self._queue or self._delayed
         self.idle = not self._inflight
         self.idle_fg = not small
-        if small:
-            self.asleep_at = time.monotonic()
         if inbox:  # arrived after the flags were set: don't sleep
             return poller.poll(0)
         if not busy:
             return poller.poll(None)
-        sweep_ms = int(_SWEEP_INTERVAL * 1000)
-        if small > NAP_BELOW or not small or sweep_ms <= DOZE_MS:
-            return poller.poll(sweep_ms)
+        wait_ms = int(_SWEEP_INTERVAL * 1000)
+        if self._delayed:  # a retry falls due: be awake for it (+1: poll truncates)
+            due = self._delayed[0][0] - time.monotonic()
+            wait_ms = max(0, min(wait_ms, int(due * 1000) + 1))
+        if not small or wait_ms <= DOZE_MS:
+            return poller.poll(wait_ms)
         events = poller.poll(DOZE_MS)
         if events:
             return events
         self.dozing = True  # then look at the inbox again: see must_ring
-        return poller.poll(0 if inbox else sweep_ms - DOZE_MS)
+        return poller.poll(0 if inbox else wait_ms - DOZE_MS)
 
     def _on_conn_events(self) -> None:
         if zmq.EVENT_DISCONNECTED in self._conn.events() and self._inflight:

@@ -204,14 +204,16 @@ def test_a_foreground_read_does_not_wait_for_a_scan_reply_to_wake_the_worker(mon
             assert wait_for(lambda: srv.requests == 2, timeout=5)
 
 
-@pytest.mark.parametrize("stuck", [1, 3])
-def test_a_foreground_read_is_sent_while_other_reads_are_stuck(monkeypatch, stuck):
+@pytest.mark.parametrize("stuck, nap_ms", [(1, None), (3, None), (3, 300)])
+def test_a_foreground_read_is_sent_while_other_reads_are_stuck(monkeypatch, stuck, nap_ms):
     # with small requests in flight the worker is not rung at once (the next reply
     # wakes it), but that reply may be far off (a slow server, a cold page): a read
-    # must not wait for it, nor for the sweep (60 s here), only for the doze. With
-    # one stuck read the worker naps and turns `dozing`; with three, it sleeps and
-    # the read rings because the worker has slept longer than DOZE.
+    # must not wait for it, nor for the sweep (60 s here), only for the worker's nap
+    # (DOZE_MS): after the nap it rings; during it (a 300 ms nap makes sure) the
+    # worker finds it when the nap ends
     monkeypatch.setattr("comm._worker._SWEEP_INTERVAL", 60.0)
+    if nap_ms is not None:
+        monkeypatch.setattr("comm._worker.DOZE_MS", nap_ms)
     cfg = comm.CommConfig(request_timeout=5)
     with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
         srv.frozen = True  # requests are counted, never answered
@@ -230,8 +232,8 @@ def test_a_foreground_read_is_sent_while_other_reads_are_stuck(monkeypatch, stuc
         assert wait_for(lambda: srv.requests == stuck, timeout=5)
         with c.backend() as be:
             with pytest.raises(comm.RequestTimeout):
-                be.get_page(REL, 500, lsn=100, timeout=0.5)
-            # sent within the doze, long before the sweep could have sent it
+                be.get_page(REL, 500, lsn=100, timeout=1.0)
+            # sent within the nap, long before the sweep could have sent it
             assert srv.requests == stuck + 1
         for t in threads:
             t.join(10)
@@ -252,21 +254,20 @@ def test_a_foreground_read_is_sent_while_a_single_page_prefetch_is_stuck(monkeyp
             assert srv.requests == 2
 
 
-def test_must_ring_for_a_foreground_read_after_the_doze_only_once():
+def test_must_ring_for_a_foreground_read_once_a_dozing_worker():
     from types import SimpleNamespace
 
-    from comm._doorbell import DOZE, must_ring
+    from comm._doorbell import must_ring
 
     fg, pf = SimpleNamespace(cls=0), SimpleNamespace(cls=1)
-    w = SimpleNamespace(idle=False, idle_fg=False, dozing=False, asleep_at=0.0)
-    assert not must_ring(w, fg)  # awake (asleep_at 0): it will see the inbox
-    w.asleep_at = time.monotonic()
-    assert not must_ring(w, fg)  # just fell asleep: the next reply is likely near
-    w.asleep_at = time.monotonic() - 2 * DOZE
-    assert not must_ring(w, pf)  # a prefetch never rings a worker with work out
-    assert must_ring(w, fg)
-    assert not must_ring(w, fg)  # one ring per long sleep
+    w = SimpleNamespace(idle=False, idle_fg=False, dozing=False)
+    assert not must_ring(w, fg)  # awake, or napping: it will look at the inbox
     w.dozing = True
-    assert must_ring(w, fg) and not must_ring(w, pf)
-    w.dozing, w.idle = False, True
+    assert not must_ring(w, pf)  # a prefetch never rings a worker with work out
+    assert w.dozing
+    assert must_ring(w, fg)
+    assert not w.dozing and not must_ring(w, fg)  # one ring per doze
+    w.idle_fg = True  # only bulk out: every foreground read rings (as it always did)
+    assert must_ring(w, fg) and must_ring(w, fg) and not must_ring(w, pf)
+    w.idle = True
     assert must_ring(w, pf)
