@@ -41,6 +41,7 @@ class FakeServer:
         self.nblocks = nblocks
         self.frozen = False
         self.status: Status | None = None
+        self.slow_down_first = 0  # answer this many requests SLOW_DOWN first
         self.mangle = False
         self.garbage = False
         self.delay = 0.0  # seconds before answering each request
@@ -86,6 +87,9 @@ class FakeServer:
         if self.garbage:
             return [b"\x01garbage"]
         req = decode_request(frames)
+        if self.slow_down_first > 0:
+            self.slow_down_first -= 1
+            return encode_reply(error_reply(req, Status.SLOW_DOWN, "forced by test"))
         if self.status is not None:
             return encode_reply(error_reply(req, self.status, "forced by test"))
         common = (req.id, req.attempt, Status.OK, req.lsn, req.nms)

@@ -271,3 +271,16 @@ def test_must_ring_for_a_foreground_read_once_a_dozing_worker():
     assert must_ring(w, fg) and must_ring(w, fg) and not must_ring(w, pf)
     w.idle = True
     assert must_ring(w, pf)
+
+
+def test_a_retry_is_sent_when_due_not_at_the_next_sweep(monkeypatch):
+    # SLOW_DOWN schedules a retry a few ms later: the worker must wake for it
+    monkeypatch.setattr("comm._worker._SWEEP_INTERVAL", 60.0)
+    cfg = comm.CommConfig(request_timeout=5)
+    with FakeServer() as srv, comm.Communicator([srv.endpoint], config=cfg) as c:
+        srv.slow_down_first = 2
+        with c.backend() as be:
+            t0 = time.monotonic()
+            assert len(be.get_page(REL, 5, lsn=100, timeout=3.0)) == 8192
+            assert time.monotonic() - t0 < 2.0  # 2 + 4 ms of backoff, not the 60 s sweep
+            assert srv.requests == 3
