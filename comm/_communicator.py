@@ -103,12 +103,14 @@ class PrefetchJob:
 class Communicator:
     """Multiplexes many backends' page reads over a few pipelined connections per shard.
 
-    ``Communicator(["tcp://127.0.0.1:6400", ...], stripe_size=2048)`` or
-    ``Communicator.from_env()``; use as a context manager.
+    ``Communicator(["tcp://127.0.0.1:6400", ...], stripe_size=2048)``, with any other
+    setting by name (``request_timeout=3``; see CommConfig) or a whole ``config=``; or
+    ``Communicator.from_env()``, which reads the ``COMM_*`` variables (the constructor
+    does not). Use as a context manager.
     """
 
     def __init__(self, shards: Sequence[str] | None = None, stripe_size: int | None = None, *,
-                 config: CommConfig | None = None) -> None:
+                 config: CommConfig | None = None, **settings: Any) -> None:
         cfg = config or CommConfig()
         if shards is not None:
             if isinstance(shards, str):
@@ -116,6 +118,8 @@ class Communicator:
             cfg = cfg.replace(shards=tuple(shards))
         if stripe_size is not None:
             cfg = cfg.replace(stripe_size=stripe_size)
+        if settings:  # any CommConfig field by name, e.g. request_timeout=3
+            cfg = cfg.replace(**settings)
         if not cfg.shards:
             raise ConfigError("no shards: pass a list of page-server endpoints or set COMM_SHARDS")
         self.config = cfg

@@ -68,9 +68,11 @@ class CommConfig:
             raise ConfigError(f"COMM_METRICS_ADDR (metrics_addr) must be an IP address to "
                               f"listen on, like 127.0.0.1 or 0.0.0.0, got "
                               f"{self.metrics_addr!r}") from None
+        if isinstance(self.shards, list):  # a list is what most callers have: keep it frozen
+            object.__setattr__(self, "shards", tuple(self.shards))
         if not isinstance(self.shards, tuple) or not all(isinstance(s, str) and s
                                                           for s in self.shards):
-            raise ConfigError(f"COMM_SHARDS (shards) must be a tuple of endpoint strings, "
+            raise ConfigError(f"COMM_SHARDS (shards) must be a list of endpoint strings, "
                               f"got {self.shards!r}")
         if (self.curve_secret is None) != (self.curve_server_key is None):
             raise ConfigError("COMM_CURVE_SECRET and COMM_CURVE_SERVER_KEY go together: the "
@@ -87,6 +89,11 @@ class CommConfig:
                 raise ConfigError(f"COMM_SHARDS (shards): {ep!r} {why}")
 
     def replace(self, **changes: object) -> CommConfig:
+        """A copy with ``changes`` (setting names); ConfigError names an unknown one."""
+        unknown = sorted(set(changes) - _SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
+                              f"{', '.join(sorted(_SETTINGS))}")
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
@@ -103,7 +110,13 @@ class CommConfig:
                 continue
             kw[f.name] = _parse(f.name, name, raw.strip())
         kw.update(overrides)
+        unknown = sorted(set(kw) - _SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
         return cls(**kw)  # type: ignore[arg-type]
+
+
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(CommConfig))
 
 
 def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:

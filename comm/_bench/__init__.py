@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import platform
@@ -276,11 +277,15 @@ def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
                     distance=args.distance, prefetch_pages=args.prefetch_pages,
                     scan_rate=args.scan_rate, random_rate=args.random_rate)
     _check(args, params, parser)
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("bench: no plots (matplotlib is missing: pip install -e '.[bench]'); the "
+              "table and results.json as usual", file=sys.stderr)
+        args.no_plots = True
     cells = _run(args, params)
     ts = _report.targets(cells, params.shards)
     print(_report.table(cells))
     print()
-    print(_report.targets_table(ts))
+    print(_report.targets_table(ts, judged=not args.quick))
     if params.paced:
         print(f"  (paced run: scanners {params.scan_rate:g} pages/s, random readers "
               f"{params.random_rate:g} reads/s, 0 = unpaced; raw is never paced; the "

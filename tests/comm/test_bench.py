@@ -21,7 +21,8 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     out = tmp_path / "out"
     assert main(["--quick", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "targets (ratios from this run)" in text
+    assert "targets (ratios from this run, not judged" in text  # a smoke run, not a measure
+    assert "[   quick run]" in text and "MET]" not in text
     doc = json.loads((out / "results.json").read_text())
     cells = doc["cells"]
     seen = {(c["design"], c["workload"]) for c in cells}
@@ -121,6 +122,22 @@ def test_bench_paced_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert 0 < cells["random"]["pages_per_s"] <= 2 * 100 * 1.5
     assert 0 < cells["scan"]["pages_per_s"] <= 2 * 3200 * 1.5
     assert all(c["wrong"] == 0 and c["errors"] == 0 for c in doc["cells"])
+
+
+@pytest.mark.servers
+@pytest.mark.timeout(60)
+def test_bench_without_matplotlib_skips_the_plots(tmp_path: Path, monkeypatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "out"
+    assert main(["--quick", "--no-progress", "--designs", "pagecomm", "--workloads",
+                 "random", "--out", str(out)]) == 0
+    assert "no plots (matplotlib is missing" in capsys.readouterr().err
+    assert (out / "results.json").exists() and not list(out.glob("*.png"))
 
 
 @pytest.mark.servers

@@ -1,5 +1,6 @@
 import pytest
 
+import comm
 from comm import CommConfig, ConfigError
 
 
@@ -71,3 +72,20 @@ def test_a_malformed_endpoint_is_refused_before_any_thread_starts(ep, why):
                                 "ipc:///tmp/page.ipc", "inproc://pages"])
 def test_well_formed_endpoints_are_accepted(ep):
     assert CommConfig(shards=(ep,)).shards == (ep,)
+
+
+def test_settings_by_name_a_list_of_shards_and_unknown_names():
+    cfg = comm.CommConfig(shards=["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
+    assert cfg.shards == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")  # kept frozen
+    assert cfg.replace(request_timeout=3).request_timeout == 3
+    with pytest.raises(comm.ConfigError, match="unknown setting.*request_timeot"):
+        cfg.replace(request_timeot=3)
+    with pytest.raises(comm.ConfigError, match="unknown setting.*stripe"):
+        comm.CommConfig.from_env({}, stripe=8)
+    with pytest.raises(comm.ConfigError, match="unknown setting.*timeout_s"):
+        comm.Communicator(["tcp://127.0.0.1:1"], timeout_s=3)
+    with pytest.raises(comm.ConfigError, match="COMM_REQUEST_TIMEOUT"):
+        comm.Communicator(["tcp://127.0.0.1:1"], request_timeout=-1)
+    with comm.Communicator(["tcp://127.0.0.1:1"], request_timeout=3,
+                           inflight_per_conn=8) as c:
+        assert c.config.request_timeout == 3 and c.config.inflight_per_conn == 8
