@@ -382,9 +382,9 @@ class Communicator:
         conns = [getattr(w, "_conn", None) for w in m.workers[shard]]
         if any(c is not None and c.auth_failed for c in conns):
             return " (the server refused our CURVE key)"
-        if any(c is not None and c.handshake_failed and not c.connected for c in conns):
-            return (" (the CURVE handshake fails: is it a page server with CURVE keys, and "
-                    "is COMM_CURVE_SERVER_KEY its public key?)")
+        failed = [c for c in conns if c is not None and c.handshake_failed and not c.connected]
+        if failed:
+            return f" (the handshake with {m.endpoints[shard]} fails: {failed[0].handshake_hint()})"
         if conns and not any(c is not None and c.connected for c in conns):
             return f" (not connected to {m.endpoints[shard]})"
         return ""

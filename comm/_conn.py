@@ -2,7 +2,9 @@
 
 A DEALER socket with IMMEDIATE set (a send while disconnected fails at once, so the
 worker keeps the request queued instead of losing it in a dead pipe) and ZeroMQ's
-own reconnect with capped exponential backoff (1 ms doubling to 1 s). A monitor
+own reconnect with capped exponential backoff (10 ms doubling to 1 s, for refused
+connects; a peer that accepts and then fails the handshake is retried every 10 ms,
+ZeroMQ's backoff starts again after each TCP connect). A monitor
 socket reports connection state changes, so that a page server that died takes
 its in-flight requests with it visibly: the worker retries them at once instead
 of waiting for their deadlines. ``reset()`` replaces the socket: the server sees
@@ -89,11 +91,10 @@ class Connection:
                     log.error("%s: %s refused our CURVE key (handshake failed); requests "
                               "will time out", self.name, self.endpoint)
                 self.auth_failed = True
-            elif ev & _HANDSHAKE_FAILED and self.curve is not None:
+            elif ev & _HANDSHAKE_FAILED:
                 if not self.handshake_failed:
-                    log.error("%s: the CURVE handshake with %s fails: is it a page server "
-                              "with CURVE keys, and is COMM_CURVE_SERVER_KEY its public "
-                              "key? Requests will time out", self.name, self.endpoint)
+                    log.error("%s: the handshake with %s fails: %s Requests will time out",
+                              self.name, self.endpoint, self.handshake_hint())
                 self.handshake_failed = True
             elif ev == _UP and not self.connected:
                 self.connected = True
@@ -111,6 +112,14 @@ class Connection:
                 self._failed_attempt()  # refused, timed out, or dropped before the handshake
         return out
 
+    def handshake_hint(self) -> str:
+        """What a failing ZeroMQ handshake most likely means, for logs and timeouts."""
+        if self.curve is not None:
+            return ("is it a page server with CURVE keys, and is COMM_CURVE_SERVER_KEY its "
+                    "public key?")
+        return ("a page server with CURVE keys needs COMM_CURVE_SECRET and "
+                "COMM_CURVE_SERVER_KEY (docs/operations.md); or it is not a page server.")
+
     def _failed_attempt(self) -> None:
         self.retries += 1
         now = time.monotonic()
@@ -119,10 +128,9 @@ class Connection:
         elif (now - self._down_since >= _DOWN_FIRST_LOG
               and now - self._down_logged >= _DOWN_LOG_EVERY):
             self._down_logged = now
-            log.warning("%s: cannot connect to %s for %.0f s (%d failed attempts; retrying "
-                        "every %d ms at most): is the page server up, and is the endpoint "
-                        "right?", self.name, self.endpoint, now - self._down_since,
-                        self.retries, RECONNECT_MAX_MS)
+            log.warning("%s: cannot connect to %s for %.0f s (%d failed attempts so far; "
+                        "still trying): is the page server up, and is the endpoint right?",
+                        self.name, self.endpoint, now - self._down_since, self.retries)
 
     def reset(self) -> None:
         self.close()

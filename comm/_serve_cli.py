@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Any
 
+from shards._curve import is_loopback
+
 from ._errors import CommError
 from ._server import CommServer
 
@@ -23,6 +25,12 @@ def add_cli(sub: Any) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     from ._communicator import Communicator
 
+    if not is_loopback(args.listen):  # backends share memory with us: same host only
+        print(f"error: --listen {args.listen}: backend processes share memory with the "
+              f"communicator, so they run on this host, and this endpoint has no "
+              f"authentication: listen on ipc://PATH (or a loopback address)",
+              file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

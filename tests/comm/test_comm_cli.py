@@ -203,3 +203,12 @@ def test_verbose_may_come_after_the_command(monkeypatch: pytest.MonkeyPatch) -> 
     assert cli.main(["demo", "-v"]) == 0
     assert cli.main(["demo"]) == 0
     assert levels == [logging.DEBUG, logging.WARNING]
+
+
+@pytest.mark.parametrize("listen", ["tcp://0.0.0.0:0", "tcp://10.1.2.3:7000"])
+def test_serve_refuses_a_non_loopback_listen(listen: str, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COMM_SHARDS", "tcp://127.0.0.1:1")
+    assert main(["serve", "--listen", listen]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and listen in err and "ipc://PATH" in err

@@ -134,10 +134,13 @@ def test_a_wrong_server_key_times_out_naming_it(server, store, keys, tmp_path):
             be.get_page(store[1], 3, LSN, timeout=1.0)
 
 
-def test_client_without_curve_gets_nothing(server, store):
+def test_client_without_curve_gets_nothing_and_is_told_why(server, store, caplog):
+    caplog.set_level(logging.ERROR, logger="comm._conn")
     with comm.Communicator([server.endpoint]) as c, c.backend() as be:
-        with pytest.raises(comm.RequestTimeout):
-            be.get_page(store[1], 3, LSN, timeout=0.5)
+        with pytest.raises(comm.RequestTimeout, match="needs COMM_CURVE_SECRET"):
+            be.get_page(store[1], 3, LSN, timeout=1.0)
+    assert any("handshake with" in r.getMessage() and "COMM_CURVE_SECRET" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_bad_key_files_are_config_errors(keys, tmp_path):
