@@ -26,7 +26,6 @@ import zmq
 from prefetch import PrefetchBuffer, RelSizeCache
 from shards import MAX_BLOCKS_PER_REQUEST, RelTag, ShardsError
 from shards._curve import load_public, load_secret
-from shards._endpoint import endpoint_problem
 from shards.protocol import Kind, RequestClass
 
 from ._backend import Backend
@@ -34,7 +33,7 @@ from ._config import CommConfig
 from ._errors import CommClosed, ConfigError, InvalidRequest, ShardUnavailable
 from ._map import ShardMap
 from ._metrics import LatencySnapshot, MetricsServer, merge_snapshots, start_metrics_server
-from ._validate import FORKS, forked_error
+from ._validate import FORKS, check_shard_endpoints, forked_error
 from ._worker import STOP, ShardWorker
 
 log = logging.getLogger(__name__)
@@ -244,24 +243,7 @@ class Communicator:
         """Switch to a new shard map (a live shard split). Requests already handed to a
         worker finish on the old map; new requests use the new one. The stripe size
         cannot change; a request answered "not my shard" is retried on the new map."""
-        try:  # once: a generator would be used up by the checks below
-            eps = () if isinstance(endpoints, (str, bytes)) else tuple(endpoints)
-        except TypeError:
-            eps = ()
-        if not eps or not all(isinstance(e, str) and "://" in e for e in eps):
-            raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
-                              f"{endpoints!r}")
-        if stripe_size is not None:
-            if isinstance(stripe_size, bool) or not hasattr(stripe_size, "__index__") or \
-                    stripe_size.__index__() < 1:
-                raise ConfigError(f"stripe_size must be a positive int, got {stripe_size!r}")
-            stripe_size = stripe_size.__index__()
-        for ep in eps:
-            why = endpoint_problem(ep)
-            if why is not None:
-                raise ConfigError(f"endpoint {ep!r} {why}")
-        if len(eps) > 255:
-            raise ConfigError(f"{len(eps)} shards; at most 255")
+        eps, stripe_size = check_shard_endpoints(endpoints, stripe_size)
         with self._lock:
             if self._closed:
                 raise CommClosed("the communicator is closed")

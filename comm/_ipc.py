@@ -17,6 +17,12 @@ into the slot's page area) and a 6-byte ring (slot, use) into the FIFO: no hop
 through the communicator's front thread. Writes of up to PIPE_BUF bytes to a pipe
 are atomic, so rings from many threads never interleave. A communicator that
 cannot open the FIFO sends completion messages over the socket instead.
+
+Control calls (``update_shards``: b"S", ``comm_stats``: b"T") carry a sequence
+number right after the tag; the reply (b"s" / b"t") echoes it, then a status byte
+(OK, or the error class as in completions), then the body (the stats' JSON, or
+the error's message). A reply whose number is not the call's own is a late answer
+to an earlier call that was cancelled or timed out: the backend discards it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ._errors import (
     Cancelled,
     CommClosed,
     CommError,
+    ConfigError,
     InvalidRequest,
     NotFound,
     PageNotFound,
@@ -51,7 +58,9 @@ _REQ = struct.Struct("<cHIBBBxIIIIQQdII")  # b"R", slot, use, kind, cls, fork, s
 #                                            count, lsn, nms, timeout, extra1, extra2
 _CANCEL = struct.Struct("<cHI")            # b"C", slot, use
 _DONE = struct.Struct("<cHIBBxxIQ")        # b"d", slot, use, status, exists, count, value
-_SHARDS = struct.Struct("<cI")             # b"S", stripe size; then endpoints, comma-separated
+_SHARDS = struct.Struct("<cII")            # b"S", seq, stripe size; then endpoints, comma-sep.
+_STATS = struct.Struct("<cI")              # b"T", seq
+_CONTROL_REPLY = struct.Struct("<cIB")     # b"s" / b"t", seq, status; then the body
 _RING = struct.Struct("<HI")               # slot, use: a completion is in the slot's header
 _HEADER = struct.Struct("<IBBHIQ")         # use, status, exists, message bytes, count, value
 HEADER_BYTES = 32                          # per slot, after the slots' page areas
@@ -62,8 +71,10 @@ RING_BYTES = _RING.size
 # completion status codes <-> the exception raised in the backend process
 _ERRORS: list[type[CommError]] = [CommError, PageNotFound, RelationNotFound, NotFound,
                                   InvalidRequest, ServerError, ShardUnavailable,
-                                  RequestTimeout, Cancelled, CommClosed, WrongShard]
+                                  RequestTimeout, Cancelled, CommClosed, WrongShard,
+                                  ConfigError]
 OK = 255
+MAX_PID = 2**31 - 1  # pid_t: a larger one would overflow os.kill, 0 would signal a group
 
 
 class IpcError(CommError):
@@ -112,6 +123,8 @@ def encode_attach(pid: int, slots: int, ring_path: str = "") -> bytes:
 
 def decode_attach(msg: bytes) -> tuple[int, int, str]:
     _, pid, slots = _unpack(_ATTACH, msg, "attach")
+    if not 1 <= pid <= MAX_PID:
+        raise IpcError(f"attach names pid {pid} (1..{MAX_PID})")
     if not 1 <= slots <= MAX_SLOTS:
         raise IpcError(f"attach asks for {slots} slots (1..{MAX_SLOTS})")
     if len(msg) - _ATTACH.size > _MAX_PATH:
@@ -174,6 +187,8 @@ def encode_attached(pid: int, bid: int, slots: int, shm_name: str) -> bytes:
 
 def decode_attached(msg: bytes) -> tuple[int, int, int, str]:
     _, pid, bid, slots, pages = _unpack(_ATTACHED, msg, "attached")
+    if not 1 <= pid <= MAX_PID:
+        raise IpcError(f"communicator names pid {pid} (1..{MAX_PID})")
     if pages != PAGES_PER_SLOT:
         raise IpcError(f"communicator uses {pages} pages per slot, this side {PAGES_PER_SLOT}")
     return pid, bid, slots, msg[_ATTACHED.size:].decode()
@@ -217,13 +232,46 @@ def decode_done(msg: bytes) -> Done:
                 msg[_DONE.size:].decode("utf-8", "replace"))
 
 
-def encode_shards(endpoints: list[str], stripe: int) -> bytes:
-    return _SHARDS.pack(b"S", stripe) + ",".join(endpoints).encode()
+def encode_shards(seq: int, endpoints: list[str], stripe: int) -> bytes:
+    return _SHARDS.pack(b"S", seq, stripe) + ",".join(endpoints).encode()
 
 
-def decode_shards(msg: bytes) -> tuple[list[str], int]:
-    _, stripe = _unpack(_SHARDS, msg, "shards")
-    return [e for e in msg[_SHARDS.size:].decode().split(",") if e], stripe
+def decode_shards(msg: bytes) -> tuple[int, list[str], int]:
+    _, seq, stripe = _unpack(_SHARDS, msg, "shards")
+    try:
+        eps = msg[_SHARDS.size:].decode()
+    except UnicodeDecodeError:
+        raise IpcError("shards message names endpoints that are not UTF-8") from None
+    return seq, [e for e in eps.split(",") if e], stripe
+
+
+def encode_stats(seq: int) -> bytes:
+    return _STATS.pack(b"T", seq)
+
+
+def control_seq(msg: bytes) -> int:
+    """The sequence number of a control call (b"S" or b"T"), to answer it with."""
+    return int(_unpack(_STATS, msg, "control")[1])
+
+
+def encode_control_reply(tag: bytes, seq: int, body: bytes = b"",
+                         error: BaseException | None = None) -> bytes:
+    """The reply to control call ``seq``: ``body``, or ``error`` (any exception: its
+    class travels as far as the status codes know it, its message in the body)."""
+    if error is None:
+        return _CONTROL_REPLY.pack(tag, seq, OK) + body
+    text = str(error) if isinstance(error, CommError) else \
+        f"{type(error).__name__}: {error}"
+    return _CONTROL_REPLY.pack(tag, seq, status_of(error)) + \
+        text.encode("utf-8", "replace")[:_MAX_MESSAGE]
+
+
+def decode_control_reply(msg: bytes) -> tuple[int, int, bytes]:
+    """(seq, status, body) of a control reply."""
+    _, seq, status = _unpack(_CONTROL_REPLY, msg, "control reply")
+    if status != OK and status >= len(_ERRORS):
+        raise IpcError(f"unknown control reply status {status}")
+    return seq, status, msg[_CONTROL_REPLY.size:]
 
 
 def status_of(error: BaseException) -> int:

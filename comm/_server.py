@@ -15,8 +15,11 @@ The request is also queued for the front, which forgets it at its next wakeup
 (no doorbell for that). A backend whose FIFO could not be opened gets completion
 messages from the front instead (a deque plus a byte on a pipe when it may sleep).
 
-Dead backends are found by pid (same host: ipc), every 0.2 s: their requests are
-abandoned, their segment unlinked at once and unmapped when the last part lands.
+Dead backends are found by pid (same host: ipc; a zombie counts as dead), every
+0.2 s: their requests are abandoned, their segment unlinked at once and unmapped
+when the last part lands. A pid that cannot be checked costs that backend only.
+Control calls (b"S", b"T") always get a reply echoing their sequence number, an
+error's class kept as far as the completion status codes know it (see _ipc.py).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
 from ._metrics import LatencyRecorder, merge_snapshots
 from ._procreq import CLOSED, ProcRequest, WireJob
+from ._procutil import process_gone
 from ._validate import check_lsns, check_rel, check_timeout
 
 log = logging.getLogger(__name__)
@@ -194,20 +198,29 @@ class CommServer:
                 p.abandoned = True
         elif tag == b"D":
             self._abandon(att)
-        elif tag == b"T":
-            st = self.comm.stats()
-            st["processes"] = {"attached": len(self._by_ident),
-                               "pending": sum(1 for a in self._by_ident.values()
-                                              for p in a.pending.values() if not p.rung),
-                               "completions": dict(self._completions)}
-            router.send_multipart([ident, b"t" + json.dumps(st).encode()])
-        elif tag == b"S":
-            eps, stripe = _ipc.decode_shards(msg)
-            try:
-                self.comm.update_shards(eps, stripe_size=stripe or None)  # 0: unchanged
-                router.send_multipart([ident, b"sOK"])
-            except CommError as e:
-                router.send_multipart([ident, b"s" + str(e).encode()])
+        elif tag in (b"T", b"S"):
+            router.send_multipart([ident, self._control(tag, msg)])
+
+    def _control(self, tag: bytes, msg: bytes) -> bytes:
+        """The reply to a control call: always one, whatever goes wrong (the caller
+        waits for it), with the call's sequence number."""
+        seq = _ipc.control_seq(msg)  # truncated: an IpcError, no reply (not a backend)
+        reply = tag.lower()
+        try:
+            if tag == b"T":
+                st = self.comm.stats()
+                st["processes"] = {"attached": len(self._by_ident),
+                                   "pending": sum(1 for a in self._by_ident.values()
+                                                  for p in a.pending.values() if not p.rung),
+                                   "completions": dict(self._completions)}
+                return _ipc.encode_control_reply(reply, seq, json.dumps(st).encode())
+            _, eps, stripe = _ipc.decode_shards(msg)
+            self.comm.update_shards(eps, stripe_size=stripe or None)  # 0: unchanged
+            return _ipc.encode_control_reply(reply, seq)
+        except Exception as e:
+            if not isinstance(e, CommError):
+                log.exception("control message %r failed", tag)
+            return _ipc.encode_control_reply(reply, seq, error=e)
 
     # ------------------------------------------------------------ requests
     def _on_request(self, att: Attached, r: _ipc.Req) -> None:
@@ -385,12 +398,14 @@ class CommServer:
     def _check_liveness(self) -> None:
         for att in list(self._by_ident.values()):
             try:
-                os.kill(att.pid, 0)
-            except ProcessLookupError:
+                gone = process_gone(att.pid)  # a zombie is gone too
+            except Exception:  # one backend's pid must not kill the front of them all
+                log.exception("%s: cannot check pid %s; taking it for dead", att.name,
+                              att.pid)
+                gone = True
+            if gone:
                 log.warning("%s died; releasing its slots", att.name)
                 self._abandon(att)
-            except PermissionError:
-                pass  # alive, another user
 
     def _abandon(self, att: Attached) -> None:
         """The backend left: give up its requests, unlink its segment now, unmap it

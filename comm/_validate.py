@@ -9,10 +9,11 @@ import threading
 from typing import Any
 
 from shards import MAX_BLOCKNO, RelTag, check_reltag
+from shards._endpoint import endpoint_problem
 from shards._types import MAX_FORKNUM
 from shards._types import MAX_UINT32 as _U32
 
-from ._errors import CommClosed, InvalidRequest
+from ._errors import CommClosed, ConfigError, InvalidRequest
 
 MAX_LSN = 0xFFFFFFFFFFFFFFFF
 
@@ -89,6 +90,40 @@ def check_u32(value: Any, name: str) -> int:
     if not 0 <= v <= 0xFFFFFFFF:
         raise InvalidRequest(f"{name}={v} is outside 0..{0xFFFFFFFF}")
     return v
+
+
+def check_shard_endpoints(endpoints: Any, stripe_size: Any) -> tuple[tuple[str, ...],
+                                                                      int | None]:
+    """(endpoints, stripe size) of a shard map update, as Communicator.update_shards
+    checks them; ConfigError naming what is wrong."""
+    if isinstance(endpoints, (str, bytes)):
+        raise ConfigError(f"endpoints must be a list of endpoint strings, not one string: "
+                          f"{endpoints!r}")
+    try:  # once: a generator would be used up by the checks below
+        eps = tuple(endpoints)
+    except TypeError:
+        eps = ()
+    if not eps or not all(isinstance(e, str) and "://" in e for e in eps):
+        raise ConfigError(f"endpoints must be a non-empty list of endpoint strings, got "
+                          f"{endpoints!r}")
+    if stripe_size is not None:
+        if isinstance(stripe_size, bool) or not hasattr(stripe_size, "__index__") or \
+                not 1 <= stripe_size.__index__() <= _U32:
+            raise ConfigError(f"stripe_size must be a positive int, got {stripe_size!r}")
+        stripe_size = stripe_size.__index__()
+    for ep in eps:
+        try:
+            ep.encode()
+            why = endpoint_problem(ep)
+        except UnicodeEncodeError:
+            why = "is not valid Unicode (a lone surrogate?)"
+        if why is None and (not ep.isprintable() or "," in ep):
+            why = "holds a comma or an unprintable character"
+        if why is not None:
+            raise ConfigError(f"endpoint {ep!r} {why}")
+    if len(eps) > 255:
+        raise ConfigError(f"{len(eps)} shards; at most 255")
+    return eps, stripe_size
 
 
 # forks this process came through: a child's count is its parent's plus one, so an

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from comm import CommError, RequestTimeout, _ipc
+from comm import CommError, ConfigError, RequestTimeout, _ipc
 
 
 def test_attach_carries_the_ring_path_and_old_style_attach_has_none():
@@ -62,3 +62,57 @@ def test_rings_decode_whole_rings_only():
     assert _ipc.decode_rings(b"") == []
     with pytest.raises(_ipc.IpcError, match="not whole rings"):
         _ipc.decode_rings(data[:-1])
+
+
+@pytest.mark.parametrize("pid", [0, 2**31, 2**32 - 1])
+def test_an_attach_naming_a_pid_outside_pid_t_is_an_ipc_error(pid):
+    """0 would make os.kill signal the process group; 2**31 and up overflow it."""
+    with pytest.raises(_ipc.IpcError, match=f"pid {pid}"):
+        _ipc.decode_attach(_ipc.encode_attach(pid, 4))
+    assert _ipc.decode_attach(_ipc.encode_attach(2**31 - 1, 4)) == (2**31 - 1, 4, "")
+
+
+def test_control_calls_and_replies_carry_the_call_sequence_number():
+    seq, eps, stripe = _ipc.decode_shards(_ipc.encode_shards(7, ["tcp://h:1", "ipc://x"], 8))
+    assert (seq, eps, stripe) == (7, ["tcp://h:1", "ipc://x"], 8)
+    assert _ipc.control_seq(_ipc.encode_stats(0xFFFFFFFF)) == 0xFFFFFFFF
+    assert _ipc.control_seq(_ipc.encode_shards(9, [], 0)) == 9
+    assert _ipc.decode_control_reply(_ipc.encode_control_reply(b"t", 3, b"{}")) == \
+        (3, _ipc.OK, b"{}")
+    with pytest.raises(_ipc.IpcError, match="truncated"):
+        _ipc.control_seq(b"T")
+
+
+def test_a_control_error_reply_keeps_the_error_class_and_names_any_other():
+    seq, status, body = _ipc.decode_control_reply(
+        _ipc.encode_control_reply(b"s", 4, error=ConfigError("stripe_size cannot change")))
+    assert seq == 4 and type(_ipc.error_of(status, body.decode())) is ConfigError
+    seq, status, body = _ipc.decode_control_reply(
+        _ipc.encode_control_reply(b"s", 5, error=RuntimeError("boom")))
+    e = _ipc.error_of(status, body.decode())
+    assert type(e) is CommError and str(e) == "RuntimeError: boom"
+
+
+@pytest.mark.timeout(30)
+def test_process_gone_sees_a_zombie_and_refuses_pids_outside_pid_t():
+    import os
+    import time
+
+    from comm._procutil import process_gone
+
+    assert not process_gone(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        end = time.monotonic() + 10
+        while not process_gone(pid):  # a zombie until waited for: os.kill still works
+            assert time.monotonic() < end, "a zombie counted as alive"
+            time.sleep(0.01)
+        os.kill(pid, 0)  # it is one: not reaped yet
+    finally:
+        os.waitpid(pid, 0)
+    assert process_gone(pid)
+    for bad in (0, -1, 2**31):
+        with pytest.raises(ValueError, match="pid"):
+            process_gone(bad)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fakeserver import FakeServer, fake_page
+from waiting import wait_for
 
 import comm
 from comm import RelTag
@@ -205,3 +206,216 @@ def test_dump_inflight_checks_its_argument(served: Any) -> None:
     for bad in ("x", None, -1, float("nan")):
         with pytest.raises(comm.InvalidRequest, match="older_than"):
             c.dump_inflight(bad)
+
+
+@pytest.mark.timeout(30)
+def test_an_attach_naming_a_pid_outside_pid_t_leaves_the_front_serving(served: Any) -> None:
+    """pid 2**31 used to be attached, then overflowed os.kill in the liveness sweep
+    and killed the front thread: every backend lost its communicator."""
+    import zmq
+
+    from comm import _ipc
+    _, _, server = served
+    with comm.attach(server.endpoint) as good:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        try:
+            for pid in (2**31, 0):
+                sock.send(_ipc.encode_attach(pid, 1))
+            assert not sock.poll(600)  # refused like any malformed attach: no segment
+        finally:
+            sock.close(0)
+            ctx.term()
+        assert server._thread.is_alive() and server.attached() == 1
+        assert good.get_page(REL, 2, lsn=100, timeout=3) == fake_page(REL, 2, 100)
+
+
+@pytest.mark.timeout(30)
+def test_a_backend_whose_liveness_check_fails_is_dropped_not_the_front(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zmq
+
+    import comm._server as srv
+    from comm import _ipc
+    _, _, server = served
+    odd = os.getppid()  # alive, and not the pid of the attached backend below
+    real = srv.process_gone
+
+    def gone(pid: int) -> bool:
+        if pid == odd:
+            raise OverflowError("signed integer is greater than maximum")
+        return real(pid)
+
+    monkeypatch.setattr(srv, "process_gone", gone)
+    with comm.attach(server.endpoint) as good:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        try:
+            sock.send(_ipc.encode_attach(odd, 1))
+            assert sock.poll(5000)  # attached: the pid itself is fine
+            assert wait_for(lambda: server.attached() == 1)  # that one dropped as dead
+        finally:
+            sock.close(0)
+            ctx.term()
+        assert server._thread.is_alive()
+        assert good.get_page(REL, 3, lsn=100, timeout=3) == fake_page(REL, 3, 100)
+
+
+@pytest.mark.timeout(30)
+def test_a_killed_backend_not_yet_reaped_is_reclaimed(served: Any) -> None:
+    """A zombie still answers os.kill(pid, 0): its state in /proc says it is dead."""
+    import signal
+    import subprocess
+    import sys
+
+    _, _, server = served
+    code = ("import sys, time, comm; be = comm.attach(sys.argv[1]); "
+            "print('attached', flush=True); time.sleep(60)")
+    root = str(Path(comm.__file__).resolve().parent.parent)
+    child = subprocess.Popen([sys.executable, "-c", code, server.endpoint],
+                             stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": root})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "attached"
+        assert server.attached() == 1
+        os.kill(child.pid, signal.SIGKILL)  # not waited for: a zombie
+        assert wait_for(lambda: server.attached() == 0, 3.0)
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_process_backend_used_in_a_forked_child_raises_there(served: Any) -> None:
+    """As a thread Backend: CommClosed in the child, whose close() leaves the parent's
+    socket and segment alone; the parent reads on."""
+    _, _, server = served
+    with comm.attach(server.endpoint, slots=2) as be:
+        assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            try:
+                import signal
+                signal.alarm(10)  # a hang must not outlive the test
+                os.close(r)
+                try:
+                    be.get_page(REL, 2, lsn=100, timeout=2)
+                    res = "page"
+                except comm.CommError as e:
+                    res = f"{type(e).__name__}: {e}"
+                be.close()
+                be.close()
+                os.write(w, (res + "\nclosed").encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            with os.fdopen(r, "rb") as f:
+                out = f.read().decode()
+        finally:
+            os.waitpid(pid, 0)
+        assert out.startswith("CommClosed: ") and "os.fork()" in out and \
+            out.endswith("closed"), out
+        assert server.attached() == 1  # the child's close did not detach the parent
+        assert be.get_page(REL, 3, lsn=100, timeout=3) == fake_page(REL, 3, 100)
+
+
+@pytest.mark.parametrize("bad", [[1], None, ["tcp://\ud800:1"], ["tcp://a:1,tcp://b:2"]],
+                         ids=["int", "None", "surrogate", "comma"])
+def test_process_update_shards_refuses_what_the_thread_api_refuses(served: Any,
+                                                                     bad: Any) -> None:
+    """ConfigError before anything is sent (was TypeError, UnicodeEncodeError; a comma
+    would have split into two endpoints on the wire)."""
+    _, c, server = served
+    with pytest.raises(comm.ConfigError):  # the thread API: the same check
+        c.update_shards(bad)
+    assert c.stats()["map_generation"] == 0
+    with comm.attach(server.endpoint) as be:
+        with pytest.raises(comm.ConfigError, match="endpoint"):
+            be.update_shards(bad)
+        assert be.comm_stats()["map_generation"] == 0  # nothing was sent
+
+
+@pytest.mark.timeout(30)
+def test_a_control_call_always_gets_an_answer_with_the_error_class(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, c, server = served
+    with comm.attach(server.endpoint) as be:
+        with pytest.raises(comm.ConfigError, match="stripe_size cannot change"):
+            be.update_shards([s.endpoint], 16)
+
+        def broken(*a: Any, **k: Any) -> None:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(c, "update_shards", broken)
+        t = time.monotonic()
+        with pytest.raises(comm.CommError, match="RuntimeError: boom"):
+            be.update_shards([s.endpoint])
+        assert time.monotonic() - t < 3  # an answer, not the 30 s wait
+        monkeypatch.undo()
+        be.update_shards([s.endpoint])
+        assert be.comm_stats()["map_generation"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_late_control_reply_is_not_taken_for_the_next_calls(served: Any) -> None:
+    """A control call cancelled right after its request went out: its reply (an
+    error) arrives later and must not answer the next call."""
+    s, _, server = served
+    with comm.attach(server.endpoint) as be:
+        real = be._sock.send
+
+        def send_then_cancel(msg: bytes, *a: Any, **k: Any) -> Any:
+            r = real(msg, *a, **k)
+            if msg[:1] == b"S":
+                be._cancel.set()  # another thread's cancel() landing just now
+            return r
+
+        be._sock.send = send_then_cancel  # type: ignore[method-assign]
+        with pytest.raises(comm.Cancelled):
+            be.update_shards([s.endpoint], stripe_size=16)  # would be refused
+        be._sock.send = real  # type: ignore[method-assign]
+        time.sleep(0.2)  # the refusal is in
+        be.update_shards([s.endpoint])
+        assert be.comm_stats()["map_generation"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_close_from_another_thread_ends_the_owners_wait_with_commclosed(
+        served: Any) -> None:
+    s, _, server = served
+    be = comm.attach(server.endpoint, slots=2)
+    got: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            be.get_page(REL, 2, lsn=100, timeout=5)
+        except BaseException as e:
+            got.append(e)
+
+    s.frozen = True
+    th = threading.Thread(target=read)
+    th.start()
+    try:
+        time.sleep(0.3)
+        t = time.monotonic()
+        be.close()
+        th.join(5)
+        assert not th.is_alive() and time.monotonic() - t < 2
+        assert len(got) == 1 and type(got[0]) is comm.CommClosed, got
+        assert be._shm is None  # the owner detached as its call returned
+        assert wait_for(lambda: server.attached() == 0)
+        with pytest.raises(comm.CommClosed, match="is closed"):
+            be.get_page(REL, 3, lsn=100)
+        be.close()
+    finally:
+        s.frozen = False
+        th.join(5)
+        be.close()

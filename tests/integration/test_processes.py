@@ -56,12 +56,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 class CommProcess:
-    def __init__(self, cluster: LocalCluster, path: Path) -> None:
+    def __init__(self, cluster: LocalCluster, path: Path, own_group: bool = False) -> None:
+        """``own_group``: in a process group of its own, which os.killpg kills with its
+        resource tracker (that would otherwise unlink its segments after it)."""
         self.endpoint = f"ipc://{path}"
         env = {**os.environ, "COMM_SHARDS": ",".join(cluster.endpoints),
                "COMM_STRIPE_SIZE": str(STRIPE)}
         self.proc = subprocess.Popen([sys.executable, "-m", "comm", "serve", "--listen",
-                                      self.endpoint], stdout=subprocess.PIPE, env=env)
+                                      self.endpoint], stdout=subprocess.PIPE, env=env,
+                                     start_new_session=own_group)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         assert line.startswith("READY"), line
@@ -271,7 +274,7 @@ def test_shard_map_update_through_the_control_message(cluster: LocalCluster,
 
 
 @pytest.mark.parametrize("listen, env, words", [
-    ("foo://bar", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "--listen: cannot listen on foo://bar"),
+    ("foo://bar", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "--listen foo://bar: backend"),
     ("ipc:///nonexistent/dir/c.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1"}, "No such file"),
     ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": ""}, "COMM_SHARDS"),
     ("ipc:///tmp/unused.ipc", {"COMM_SHARDS": "tcp://127.0.0.1:1", "COMM_STRIPE_SIZE": "x"},
@@ -352,3 +355,89 @@ def test_an_interrupted_wait_keeps_the_slot_out_until_its_completion(
         # the next call waits for the orphan's completion, then reuses its slot
         assert be.get_page(rel, 8, LSN) == synth_pages(rel, [8], LSN)[0]
         assert be.stats()["slots_in_use"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_death_of_the_communicator_unlinks_the_segments_it_left(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """Its FIFO's end-of-file comes first: the backend checks the pid, says the
+    communicator died and unlinks the orphaned segment (in a call or at close)."""
+    cp = CommProcess(cluster, tmp_path / "d.ipc", own_group=True)
+    rel = comm.RelTag(1663, 16384, 16384)
+    be1 = comm.attach(cp.endpoint)
+    be2 = comm.attach(cp.endpoint)
+    try:
+        for be in (be1, be2):
+            assert be.get_page(rel, 1, LSN) == synth_pages(rel, [1], LSN)[0]
+        assert be1._shm is not None and be2._shm is not None
+        seg1, seg2 = be1._shm.name, be2._shm.name
+        assert {seg1, seg2} <= shm_segments()
+        os.killpg(cp.proc.pid, signal.SIGKILL)  # with its resource tracker
+        cp.proc.wait(10)
+        t = time.monotonic()
+        with pytest.raises(comm.CommClosed, match=r"communicator process \(pid \d+\) died"):
+            be1.get_page(rel, 2, LSN, timeout=30)
+        assert time.monotonic() - t < 2.0
+        assert seg1 not in shm_segments()
+        be2.close()
+        assert seg2 not in shm_segments()
+    finally:
+        be1.close()
+        be2.close()
+        try:
+            os.killpg(cp.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        cp.proc.wait(10)
+        for name in {seg1, seg2} & shm_segments():  # what a failure left
+            os.unlink(f"/dev/shm/{name}")
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_after_the_communicator_died_raises_at_once(cluster: LocalCluster,
+                                                             tmp_path: Path) -> None:
+    """Prefetches used to queue ~1000 messages for a dead communicator, then block in
+    zmq's send forever. A send that would block now ends, and a slot taken for a
+    request that could not be sent goes back to the ring."""
+    import threading
+
+    cp = CommProcess(cluster, tmp_path / "p.ipc")
+    rel = comm.RelTag(1663, 16384, 16384)
+    ready, go = threading.Event(), threading.Event()
+    out: dict[str, object] = {"sent": 0}
+
+    def backend() -> None:  # one thread owns the handle
+        with comm.attach(cp.endpoint, slots=2) as be:
+            assert be.get_page(rel, 1, LSN) == synth_pages(rel, [1], LSN)[0]
+            ready.set()
+            go.wait(30)
+            try:
+                for i in range(3000):
+                    be.prefetch(rel, [i % NBLOCKS], LSN)
+                    out["sent"] = i + 1
+            except comm.CommError as e:
+                out["prefetch"] = e
+            try:
+                be.get_page(rel, 2, LSN, timeout=30)
+            except comm.CommError as e:
+                out["read"] = e
+            out["in_use"] = be.stats()["slots_in_use"]
+
+    th = threading.Thread(target=backend, daemon=True)  # daemon: the old code hung
+    th.start()
+    try:
+        assert ready.wait(30)
+        cp.proc.kill()
+        cp.proc.wait(10)
+        t = time.monotonic()
+        go.set()
+        th.join(10)
+        assert not th.is_alive(), "prefetch blocked after the communicator died"
+        assert time.monotonic() - t < 2.0
+        assert isinstance(out.get("prefetch"), comm.CommClosed) and "died" in str(
+            out["prefetch"]), out
+        assert isinstance(out.get("read"), comm.CommClosed) and out["in_use"] == 0, out
+        assert out["sent"] == 0, out  # the FIFO's end-of-file told the first one
+    finally:
+        go.set()
+        cp.stop()
