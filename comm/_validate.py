@@ -16,6 +16,7 @@ from shards._types import MAX_UINT32 as _U32
 from ._errors import CommClosed, ConfigError, InvalidRequest
 
 MAX_LSN = 0xFFFFFFFFFFFFFFFF
+MAX_BLOCKS_PER_CALL = 1 << 20  # 8 GiB of pages: more is a mistake, not a read
 
 
 def _int(value: Any, name: str) -> int:
@@ -49,18 +50,36 @@ def check_block(blkno: Any, name: str = "blkno") -> int:
 
 def check_blocks(blocks: Any) -> list[int]:
     if type(blocks) is range and blocks.step == 1 and (
-            not blocks or (blocks.start >= 0 and blocks.stop - 1 <= MAX_BLOCKNO)):
+            blocks.stop <= blocks.start or (blocks.start >= 0 and blocks.stop - 1 <= MAX_BLOCKNO)):
+        if blocks.stop - blocks.start > MAX_BLOCKS_PER_CALL:
+            raise _too_many(blocks.stop - blocks.start)
         return list(blocks)  # the common case of scans: valid as a whole
     if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
         raise InvalidRequest(f"blocks must be an iterable of ints, got {type(blocks).__name__}")
-    out = [check_block(b, f"blocks[{i}]") for i, b in enumerate(blocks)]
+    if type(blocks) is range:  # any other range: its length without making it
+        n = max(0, -(-(blocks.stop - blocks.start) // blocks.step))
+        if n > MAX_BLOCKS_PER_CALL:
+            raise _too_many(n)
+    out = []
+    for i, b in enumerate(blocks):
+        if i == MAX_BLOCKS_PER_CALL:  # a generator may be endless: never hold more
+            raise _too_many(i + 1, "more than ")
+        out.append(check_block(b, f"blocks[{i}]"))
     return out
+
+
+def _too_many(n: int, more: str = "") -> InvalidRequest:
+    return InvalidRequest(f"{more}{n} blocks in one call; at most {MAX_BLOCKS_PER_CALL} "
+                          f"(a page each: ask in smaller pieces)")
 
 
 def check_lsns(lsn: Any, nms: Any) -> tuple[int, int]:
     lsn_i = lsn if type(lsn) is int else _int(lsn, "lsn")
-    if not 0 <= lsn_i <= MAX_LSN:
-        raise InvalidRequest(f"lsn={lsn_i} is outside 0..2**64-1")
+    if not 0 < lsn_i <= MAX_LSN:
+        if lsn_i == 0:  # PostgreSQL's InvalidXLogRecPtr: most likely a forgotten LSN
+            raise InvalidRequest("lsn=0 is no LSN (InvalidXLogRecPtr): read at an LSN the "
+                                 "page servers hold, such as their store's last_lsn")
+        raise InvalidRequest(f"lsn={lsn_i} is outside 1..2**64-1")
     if nms is None:
         return lsn_i, lsn_i
     nms_i = nms if type(nms) is int else _int(nms, "not_modified_since")

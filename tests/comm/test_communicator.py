@@ -298,3 +298,25 @@ def test_a_read_that_joined_a_failed_prefetch_reads_the_page_itself(servers):
         threading.Timer(0.6, lambda: [setattr(s, "frozen", False) for s in servers]).start()
         assert be.get_page(REL, 3, lsn=100, timeout=10) == fake_page(REL, 3, 100)
         assert be.stats()["joins"] == 1
+
+
+def test_lsn_zero_and_huge_block_lists_are_refused_at_once(servers) -> None:
+    import itertools
+    import time as _time
+
+    from comm._validate import MAX_BLOCKS_PER_CALL
+
+    rel = comm.RelTag(1663, 5, 16384)
+    with comm.Communicator([s.endpoint for s in servers]) as c, c.backend() as be:
+        with pytest.raises(comm.InvalidRequest, match="InvalidXLogRecPtr"):
+            be.get_page(rel, 1, lsn=0)
+        with pytest.raises(comm.InvalidRequest, match="InvalidXLogRecPtr"):
+            be.exists(rel, lsn=0)
+        t0 = _time.monotonic()
+        for blocks in (range(0, 2**32 - 1), range(0, 2**32 - 1, 2),
+                       itertools.count(), range(MAX_BLOCKS_PER_CALL + 1)):
+            for call in (be.get_pages, be.prefetch):
+                with pytest.raises(comm.InvalidRequest, match="blocks in one call"):
+                    call(rel, blocks, lsn=100)
+        assert _time.monotonic() - t0 < 30  # no 2**32-element list was made
+        assert be.slots_in_use() == 0
