@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import zmq
 
 from shards import BLCKSZ, MAX_BLOCKS_PER_REQUEST, RelTag
+from shards._endpoint import ipc_in_use, ipc_path
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from . import _ipc
@@ -54,16 +56,35 @@ def attach(endpoint: str, *, slots: int = 16, timeout: float = 10.0,
     return ProcBackend(endpoint, slots=slots, timeout=timeout, request_timeout=request_timeout)
 
 
+def _nobody_listens(endpoint: str) -> str | None:
+    """Why nobody can listen at an ipc endpoint's path (None: someone may). One
+    connect(), refused at once where a killed communicator left its socket file."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError:
+        return None  # let the handshake tell
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{path} is not a socket"
+    if not ipc_in_use(endpoint):
+        return (f"nobody listens on {path} (a stale socket file, left by a communicator "
+                f"that was killed)")
+    return None
+
+
 class ProcBackend(ProcLink):
     def __init__(self, endpoint: str, *, slots: int = 16, timeout: float = 10.0,
                  request_timeout: float = 30.0) -> None:
         if not isinstance(endpoint, str) or "://" not in endpoint:
             raise InvalidRequest(f"endpoint must look like ipc://PATH, got {endpoint!r}")
-        path = endpoint.partition("ipc://")[2]
-        if endpoint.startswith("ipc://") and not path.startswith("@") and \
-                not os.path.exists(path):  # nobody listens there: say so now, not in 10 s
-            raise CommClosed(f"no communicator listens at {endpoint}: {path} does not exist "
-                             f"(start one with python -m comm serve --listen {endpoint})")
+        why = _nobody_listens(endpoint)
+        if why is not None:  # say so now, not after the handshake's timeout
+            raise CommClosed(f"no communicator listens at {endpoint}: {why} (start one "
+                             f"with python -m comm serve --listen {endpoint})")
         if not isinstance(slots, int) or not 1 <= slots <= _ipc.MAX_SLOTS:
             raise InvalidRequest(f"slots must be in 1..{_ipc.MAX_SLOTS}, got {slots!r}")
         super().__init__(endpoint, slots, check_timeout(timeout, 10.0),  # the handshake's

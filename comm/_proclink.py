@@ -10,6 +10,10 @@ see _procutil.py) or by the end-of-file of the completion FIFO, whose write end 
 holds: then this side unlinks the orphaned segment (if the communicator died), and
 every later call raises CommClosed naming why, at once.
 
+An attach that fails after its message went out (the handshake's timeout) sends a
+detach after it, and lingers a moment at close for both to leave: a communicator
+that gets to the attach late drops what it made for it.
+
 ``close()`` may come from any thread: during a call, the owner's wait notices it
 within a slice and ends with CommClosed, and the owner detaches (closes the socket
 and unmaps the segment) as the call returns: a socket is only ever closed by the
@@ -42,6 +46,7 @@ from ._procutil import RING_PREFIX, process_gone, remove_stale_rings
 from ._validate import FORKS, check_owner, forked_error
 
 _SLICE = 0.05
+_GIVE_UP_LINGER_MS = 200  # a failed handshake's detach: time to reach the communicator
 
 
 _P = ParamSpec("_P")
@@ -76,6 +81,7 @@ class ProcLink:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._linger = 0  # at close (see _give_up_attach)
         self._sock.connect(endpoint)
         self._shm: shared_memory.SharedMemory | None = None
         self._forks = FORKS[0]  # a forked child inherits this object, not its socket
@@ -107,22 +113,41 @@ class ProcLink:
             self._ring_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:  # no FIFOs here (or no temp dir): completions come as messages
             path = ""
+        sent = False
         try:
-            self._sock.send(_ipc.encode_attach(os.getpid(), slots, path))
-            if not self._sock.poll(int(timeout * 1000)):
-                raise CommClosed(f"no communicator answered at {self._endpoint}")
-            pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
-        finally:
-            if where is not None:
-                shutil.rmtree(where, ignore_errors=True)
-        if self._ring_fd is not None:
-            self._poller.register(self._ring_fd, zmq.POLLIN)
-        self._comm_pid, self.id, self.slots = pid, bid, n
-        self.name = f"proc-backend-{bid}"
-        self._shm = shared_memory.SharedMemory(name=name)
-        # the communicator owns (and unlinks) the segment: don't let this process's
-        # resource tracker unlink it when we exit
-        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+            try:
+                self._sock.send(_ipc.encode_attach(os.getpid(), slots, path))
+                sent = True
+                if not self._sock.poll(int(timeout * 1000)):
+                    raise CommClosed(f"no communicator answered at {self._endpoint}")
+                pid, bid, n, name = _ipc.decode_attached(self._sock.recv())
+            finally:
+                if where is not None:
+                    shutil.rmtree(where, ignore_errors=True)
+            if self._ring_fd is not None:
+                self._poller.register(self._ring_fd, zmq.POLLIN)
+            self._comm_pid, self.id, self.slots = pid, bid, n
+            self.name = f"proc-backend-{bid}"
+            self._shm = shared_memory.SharedMemory(name=name)
+            # the communicator owns (and unlinks) the segment: don't let this process's
+            # resource tracker unlink it when we exit
+            resource_tracker.unregister(self._shm._name,  # type: ignore[attr-defined]
+                                        "shared_memory")
+        except BaseException:
+            if sent:  # a slow communicator may still make us a segment: have it dropped
+                self._give_up_attach()
+            raise
+
+    def _give_up_attach(self) -> None:
+        """The handshake failed after the attach went out. A detach follows it on the
+        one connection, so a communicator that gets to the attach late drops what it
+        made for it; the socket's close waits a moment for the two to leave (only on
+        this path: LINGER is 0 everywhere else)."""
+        try:
+            self._sock.send(b"D", zmq.NOBLOCK)
+            self._linger = _GIVE_UP_LINGER_MS
+        except zmq.ZMQError:
+            pass
 
     def close(self) -> None:
         """Detach (safe twice, from any thread: a call in progress ends with CommClosed
@@ -157,7 +182,7 @@ class ProcLink:
         if self._ring_fd is not None:
             os.close(self._ring_fd)
             self._ring_fd = None
-        self._sock.close(0)
+        self._sock.close(self._linger)
         self._ctx.term()
 
     def _buf(self) -> memoryview:

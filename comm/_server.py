@@ -15,9 +15,13 @@ The request is also queued for the front, which forgets it at its next wakeup
 (no doorbell for that). A backend whose FIFO could not be opened gets completion
 messages from the front instead (a deque plus a byte on a pipe when it may sleep).
 
-Dead backends are found by pid (same host: ipc; a zombie counts as dead), every
-0.2 s: their requests are abandoned, their segment unlinked at once and unmapped
-when the last part lands. A pid that cannot be checked costs that backend only.
+Dead backends are found by pid (same host: ipc; a zombie counts as dead) and by
+their FIFO's read end, closed (a backend that gave up on the handshake or closed
+without its detach arriving), every 0.2 s: their requests are abandoned, their
+FIFO closed, their segment unlinked at once and unmapped when the last part
+lands. A pid that cannot be checked costs that backend only. At stop every
+backend is abandoned so: end-of-file on its FIFO ends its waits at once (one
+without a FIFO gets CLOSED completions for its pending requests).
 Control calls (b"S", b"T") always get a reply echoing their sequence number, an
 error's class kept as far as the completion status codes know it (see _ipc.py).
 """
@@ -40,7 +44,7 @@ from shards._endpoint import ipc_in_use, remove_ipc
 from shards.protocol import Kind, RequestClass, SlruKind
 
 from . import _ipc
-from ._attached import Attached, done_of
+from ._attached import Attached, GaveUp, done_of, readers_gone
 from ._doorbell import Doorbells
 from ._errors import CommError, InvalidRequest, ShardUnavailable, WrongShard
 from ._metrics import LatencyRecorder, merge_snapshots
@@ -151,10 +155,13 @@ class CommServer:
                     self._check_liveness()
                     next_check = time.monotonic() + _LIVENESS_INTERVAL
         finally:
+            told = 0
             for att in list(self._by_ident.values()):
+                if att.ring_fd is None:  # no FIFO to hang up: tell its waits on the socket
+                    told += self._tell_closed(router, att)
                 self._abandon(att)
             self._bells.close()
-            router.close(0)
+            router.close(100 if told else 0)  # a moment for those messages to leave
             remove_ipc(self.endpoint or self.listen)  # attach() then hears at once that
             # nobody listens
 
@@ -182,7 +189,11 @@ class CommServer:
             pid, slots, ring_path = _ipc.decode_attach(msg)
             if att is not None:
                 self._drop(att)
-            att = Attached(self.comm._new_backend_id(), ident, pid, slots, ring_path)
+            try:
+                att = Attached(self.comm._new_backend_id(), ident, pid, slots, ring_path)
+            except GaveUp as e:  # nobody waits for the answer: make nothing
+                log.info("%s", e)
+                return
             self._by_ident[ident] = att
             log.info("attached %s with %d slots", att.name, slots)
             router.send_multipart([ident, _ipc.encode_attached(os.getpid(), att.id, slots,
@@ -396,6 +407,9 @@ class CommServer:
 
     # ------------------------------------------------------------ departures
     def _check_liveness(self) -> None:
+        for att in readers_gone(list(self._by_ident.values())):
+            log.info("%s closed its completion FIFO; releasing its slots", att.name)
+            self._abandon(att)
         for att in list(self._by_ident.values()):
             try:
                 gone = process_gone(att.pid)  # a zombie is gone too
@@ -407,10 +421,26 @@ class CommServer:
                 log.warning("%s died; releasing its slots", att.name)
                 self._abandon(att)
 
+    def _tell_closed(self, router: zmq.Socket, att: Attached) -> int:
+        """At stop: a CLOSED completion for each request of ``att`` not completed yet
+        (a backend without a FIFO). Returns how many were sent."""
+        n = 0
+        for p in att.pending.values():
+            if not p.rung:
+                try:
+                    router.send_multipart([att.ident, _ipc.encode_done(
+                        _ipc.Done(p.slot, p.use, _ipc.status_of(CLOSED), False, 0, 0,
+                                  str(CLOSED)))], _NOBLOCK)
+                    n += 1
+                except zmq.ZMQError:
+                    pass
+        return n
+
     def _abandon(self, att: Attached) -> None:
         """The backend left: give up its requests, unlink its segment now, unmap it
         once the workers are done with every slot."""
         att.gone = True
+        att.hang_up()  # the backend's wait ends now, not at its deadline
         self._by_ident.pop(att.ident, None)
         self.comm._buffer.forget_owner(att.id)
         for p in att.pending.values():

@@ -56,6 +56,8 @@ def ipc_in_use(ep: str) -> bool:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
+    except (BlockingIOError, TimeoutError):  # a listener so busy its backlog is full
+        return True
     except OSError:  # refused: a stale file left by a server that died
         return False
     finally:

@@ -419,3 +419,151 @@ def test_close_from_another_thread_ends_the_owners_wait_with_commclosed(
         s.frozen = False
         th.join(5)
         be.close()
+
+
+def _shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+@pytest.mark.timeout(30)
+def test_attach_to_a_stale_socket_file_says_so_at_once(tmp_path: Path) -> None:
+    """A communicator killed with -9 leaves its socket file; attach used to wait its
+    whole handshake timeout (10 s) for an answer nobody could give."""
+    import socket
+
+    path = tmp_path / "front.ipc"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen()
+    s.close()  # the file stays: nobody listens
+    assert path.exists()
+    t = time.monotonic()
+    with pytest.raises(comm.CommClosed, match=f"nobody listens on {path} .*stale socket"):
+        comm.attach(f"ipc://{path}")
+    assert time.monotonic() - t < 1.0
+    path.unlink()
+    path.write_bytes(b"")
+    with pytest.raises(comm.CommClosed, match="is not a socket"):
+        comm.attach(f"ipc://{path}", timeout=3)
+
+
+@pytest.mark.timeout(30)
+def test_an_attach_that_timed_out_leaves_no_segment_behind(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front gets to the attach after the backend gave up: the detach that
+    follows it has what it made dropped (it stayed for the backend's lifetime)."""
+    import comm._server as srv
+    _, _, server = served
+    before = _shm()
+    real = srv.Attached
+    made: list[Any] = []
+
+    def slow(*a: Any) -> Any:
+        time.sleep(0.3)  # a busy front
+        made.append(real(*a))
+        return made[-1]
+
+    monkeypatch.setattr(srv, "Attached", slow)
+    with pytest.raises(comm.CommClosed, match="no communicator answered"):
+        comm.attach(server.endpoint, timeout=0.05)
+    assert wait_for(lambda: len(made) == 1, 5)  # the front did make one
+    assert wait_for(lambda: server.attached() == 0 and not _shm() - before, 3), \
+        (server.attached(), _shm() - before)
+    monkeypatch.undo()
+    t = time.monotonic()
+    with comm.attach(server.endpoint) as be:
+        assert time.monotonic() - t < 0.5  # the normal path pays nothing for it
+        assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
+
+
+def _raw_attach(server: CommServer, fifo: Path | None, reader: bool) -> Any:
+    """A DEALER that attaches naming ``fifo`` (read end open if ``reader``), like a
+    backend that gives up at the worst moment; returns (ctx, sock, read fd)."""
+    import zmq
+
+    from comm import _ipc
+    fd = None
+    if fifo is not None:
+        os.mkfifo(fifo)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        if not reader:
+            os.close(fd)
+            fd = None
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    sock.send(_ipc.encode_attach(os.getpid(), 2, str(fifo) if fifo else ""))
+    return ctx, sock, fd
+
+
+@pytest.mark.timeout(30)
+def test_the_front_releases_a_backend_that_closed_its_fifo(served: Any,
+                                                           tmp_path: Path) -> None:
+    """No detach message (lost, or never sent): the FIFO's read end, closed, is
+    enough; a FIFO nobody reads at attach gets nothing made at all."""
+    _, _, server = served
+    before = _shm()
+    ctx, sock, fd = _raw_attach(server, tmp_path / "ring", reader=True)
+    try:
+        assert sock.poll(5000)  # attached
+        sock.recv()
+        assert server.attached() == 1 and len(_shm() - before) == 1
+        assert fd is not None
+        os.close(fd)  # the socket stays open, the process alive
+        assert wait_for(lambda: server.attached() == 0 and not _shm() - before, 3)
+    finally:
+        sock.close(0)
+        ctx.term()
+    ctx, sock, _ = _raw_attach(server, tmp_path / "ring2", reader=False)
+    try:
+        assert not sock.poll(500)  # nobody would read the answer: none, no segment
+        assert server.attached() == 0 and not _shm() - before
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+@pytest.mark.timeout(30)
+def test_stop_ends_a_backends_wait_at_once(served: Any) -> None:
+    """Embedded CommServer.stop() with a read in flight on a frozen server: CommClosed
+    at once, not RequestTimeout at the call's deadline."""
+    s, _, server = served
+    be = comm.attach(server.endpoint, slots=2)
+    try:
+        assert be.get_page(REL, 1, lsn=100) == fake_page(REL, 1, 100)
+        s.frozen = True
+        timer = threading.Timer(0.3, server.stop)
+        timer.start()
+        t = time.monotonic()
+        with pytest.raises(comm.CommClosed, match="closed this backend"):
+            be.get_page(REL, 2, lsn=100, timeout=4)
+        assert time.monotonic() - t < 2
+        timer.join()
+    finally:
+        s.frozen = False
+        be.close()
+
+
+@pytest.mark.timeout(30)
+def test_stop_sends_closed_to_a_backend_without_a_fifo(served: Any) -> None:
+    from comm import _ipc
+    s, _, server = served
+    ctx, sock, _ = _raw_attach(server, None, reader=False)
+    try:
+        assert sock.poll(5000)
+        sock.recv()
+        s.frozen = True
+        sock.send(_ipc.encode_req(_ipc.Req(1, 7, 1, 0, REL.spc, REL.db, REL.rel, REL.fork,
+                                           100, 100, 4.0, 0, 0, (3,))))
+        assert wait_for(lambda: server.pending() == 1, 3)
+        t = time.monotonic()
+        server.stop()
+        assert sock.poll(2000)
+        d = _ipc.decode_done(sock.recv())
+        assert (d.slot, d.use) == (1, 7) and time.monotonic() - t < 2
+        assert isinstance(_ipc.error_of(d.status, d.message), comm.CommClosed)
+    finally:
+        s.frozen = False
+        sock.close(0)
+        ctx.term()
