@@ -5,6 +5,7 @@ and the handle's arguments and introspection match a thread backend's."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -208,26 +209,34 @@ def test_dump_inflight_checks_its_argument(served: Any) -> None:
             c.dump_inflight(bad)
 
 
+@contextlib.contextmanager
+def _dealer(server: CommServer) -> Iterator[Any]:
+    """A raw DEALER to the communicator's front, as a misbehaving backend would use."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 @pytest.mark.timeout(30)
 def test_an_attach_naming_a_pid_outside_pid_t_leaves_the_front_serving(served: Any) -> None:
     """pid 2**31 used to be attached, then overflowed os.kill in the liveness sweep
     and killed the front thread: every backend lost its communicator."""
-    import zmq
 
     from comm import _ipc
     _, _, server = served
     with comm.attach(server.endpoint) as good:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(server.endpoint)
-        try:
+        with _dealer(server) as sock:
             for pid in (2**31, 0):
                 sock.send(_ipc.encode_attach(pid, 1))
             assert not sock.poll(600)  # refused like any malformed attach: no segment
-        finally:
-            sock.close(0)
-            ctx.term()
         assert server._thread.is_alive() and server.attached() == 1
         assert good.get_page(REL, 2, lsn=100, timeout=3) == fake_page(REL, 2, 100)
 
@@ -235,7 +244,6 @@ def test_an_attach_naming_a_pid_outside_pid_t_leaves_the_front_serving(served: A
 @pytest.mark.timeout(30)
 def test_a_backend_whose_liveness_check_fails_is_dropped_not_the_front(
         served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import zmq
 
     import comm._server as srv
     from comm import _ipc
@@ -250,17 +258,10 @@ def test_a_backend_whose_liveness_check_fails_is_dropped_not_the_front(
 
     monkeypatch.setattr(srv, "process_gone", gone)
     with comm.attach(server.endpoint) as good:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(server.endpoint)
-        try:
+        with _dealer(server) as sock:
             sock.send(_ipc.encode_attach(odd, 1))
             assert sock.poll(5000)  # attached: the pid itself is fine
             assert wait_for(lambda: server.attached() == 1)  # that one dropped as dead
-        finally:
-            sock.close(0)
-            ctx.term()
         assert server._thread.is_alive()
         assert good.get_page(REL, 3, lsn=100, timeout=3) == fake_page(REL, 3, 100)
 
