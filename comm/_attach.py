@@ -47,6 +47,8 @@ from ._validate import (
 )
 
 _KINDS = {int(k) for k in Kind}
+_FIFO_CHECK_EVERY = 0.05  # prefetch() looks for the communicator's end-of-file this often
+_PREFETCH_WAIT = 0.05  # and waits this long at most for a full queue (then drops it)
 _RING_PREFIX = RING_PREFIX  # the completion FIFO's directory: + pid + "-"
 
 
@@ -145,16 +147,24 @@ class ProcBackend(ProcLink):
                  not_modified_since: int | None = None, timeout: float | None = None) -> int:
         """Ask the communicator to prefetch ``blocks``; returns at once, without a round
         trip. Returns the number of blocks ASKED for: how many the communicator queues
-        (``Backend.prefetch``'s answer) is decided in the other process."""
+        (``Backend.prefetch``'s answer) is decided in the other process; 0 if it took
+        no request for 50 ms (its queue is full: the prefetch is dropped)."""
         lsn, nms = check_lsns(lsn, not_modified_since)
         rel = check_rel(rel)
         blks = check_blocks(blocks)
         t = check_timeout(timeout, self._timeout)
-        if self._ring_fd is not None:  # no wait follows: its end-of-file is the one sign
-            self._take_rings()  # of a communicator that left (one non-blocking read)
-        self._push(_ipc.encode_req(_ipc.Req(0, 0, _ipc.PREFETCH, int(RequestClass.PREFETCH),
-                                            rel.spc, rel.db, rel.rel, rel.fork, lsn, nms, t,
-                                            0, 0, tuple(blks))), time.monotonic() + t)
+        now = time.monotonic()
+        if self._ring_fd is not None and now >= self._fifo_checked + _FIFO_CHECK_EVERY:
+            # no wait follows: the FIFO's end-of-file is the one sign of a communicator
+            # that left (one non-blocking read, ~2 us: not on every call)
+            self._fifo_checked = now
+            self._take_rings()
+        try:  # a communicator that takes no request now: the prefetch is just dropped
+            self._push(_ipc.encode_req(_ipc.Req(
+                0, 0, _ipc.PREFETCH, int(RequestClass.PREFETCH), rel.spc, rel.db, rel.rel,
+                rel.fork, lsn, nms, t, 0, 0, tuple(blks))), now + min(t, _PREFETCH_WAIT))
+        except RequestTimeout:
+            return 0
         return len(blks)
 
     def nblocks(self, rel: RelTag, lsn: int, *, not_modified_since: int | None = None,

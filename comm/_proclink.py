@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import shutil
 import tempfile
 import threading
@@ -85,8 +86,9 @@ class ProcLink:
         self._sock.connect(endpoint)
         self._shm: shared_memory.SharedMemory | None = None
         self._forks = FORKS[0]  # a forked child inherits this object, not its socket
-        # _lock guards: _closed, _depth (a close from another thread, see close())
-        self._lock = threading.Lock()
+        # _lock guards: _closed, _depth (a close from another thread, see close()); an
+        # RLock: a close() from a signal handler in the owner, inside _enter/_leave
+        self._lock = threading.RLock()
         self._closed = False
         self._depth = 0  # calls in progress (in the owner thread: nested ones)
         self._owner: int | None = None  # the thread that uses this handle (see _enter)
@@ -94,6 +96,7 @@ class ProcLink:
         self._seq = 0  # of the last control call (its reply echoes it)
         self._cancel = threading.Event()
         self._ring_fd: int | None = None  # read end of the completion FIFO
+        self._fifo_checked = 0.0  # when prefetch() last looked at the FIFO (see there)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         try:
@@ -247,9 +250,9 @@ class ProcLink:
             if self._cancel.is_set():
                 raise Cancelled(f"{self.name}: request cancelled")
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise CommClosed(f"{self.name}: the communicator took no request before the "
-                                 f"deadline (its queue is full: it is stuck)")
+            if left <= 0:  # alive (checked above), but not reading: stopped, or stuck
+                raise RequestTimeout(f"{self.name}: the communicator took no request "
+                                     f"before the deadline (its queue is full)")
             self._sock.poll(max(1, int(min(left, _SLICE) * 1000)), zmq.POLLOUT)
             if self._ring_fd is not None:  # its end-of-file says the communicator left
                 self._take_rings()
@@ -265,10 +268,14 @@ class ProcLink:
             data = os.read(self._ring_fd, 256 * _ipc.RING_BYTES)
         except BlockingIOError:
             return
-        if not data:  # the communicator closed its end: it dropped us, or is gone
+        if not data:  # no writer: it closed its end (dropped us, or is gone), or it never
+            # opened it (completions then come over the socket): only the first hangs up
+            hung_up = _hung_up(self._ring_fd)
             self._poller.unregister(self._ring_fd)
             os.close(self._ring_fd)
             self._ring_fd = None
+            if not hung_up:
+                return
             if process_gone(self._comm_pid):
                 self._comm_died()
             self._gone = (f"{self.name}: the communicator closed this backend (it is "
@@ -323,3 +330,12 @@ class ProcLink:
             self._shm.unlink()
         except FileNotFoundError:  # unlinked already (the communicator's own tracker)
             resource_tracker.unregister(name, "shared_memory")
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether a FIFO's read end reports POLLHUP: Linux (like most systems) reports it
+    only once a writer had opened the FIFO and all writers closed it; a read end that
+    never had one reads end-of-file without it."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))

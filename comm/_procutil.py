@@ -17,22 +17,27 @@ import tempfile
 RING_PREFIX = "pagecomm-ring-"  # + pid + "-": a completion FIFO's directory
 
 
-def process_gone(pid: int) -> bool:
-    """True if process ``pid`` no longer runs (no such process, or a zombie). Raises
-    ValueError for a pid outside 1..2**31-1 (0 or a negative one names a group)."""
+def process_gone(pid: int, zombies: bool = True) -> bool:
+    """True if process ``pid`` no longer runs (no such process, or, with ``zombies``,
+    a zombie: that costs a read of /proc, about 14 us against 1). Raises ValueError
+    for a pid outside 1..2**31-1 (0 or a negative one names a group)."""
     if not 1 <= pid <= 2**31 - 1:
         raise ValueError(f"pid {pid} is outside 1..{2**31 - 1}")
+    other_user = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        pass  # alive (or a zombie), another user's
+        other_user = True  # alive (or a zombie), another user's
+    if not zombies:
+        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:  # reaped since the signal check, or no /proc here
-        return os.path.exists("/proc/self/stat")
+    except FileNotFoundError:  # reaped since the signal check, or no /proc here, or
+        # hidden (hidepid=2 hides other users' processes: alive, as kill said)
+        return not other_user and os.path.exists("/proc/self/stat")
     except OSError:
         return False
     # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the

@@ -412,7 +412,9 @@ class CommServer:
             self._abandon(att)
         for att in list(self._by_ident.values()):
             try:
-                gone = process_gone(att.pid)  # a zombie is gone too
+                # a zombie is gone too; one with a FIFO closed its read end as it
+                # died (readers_gone, above): the signal check alone is enough there
+                gone = process_gone(att.pid, zombies=att.ring_fd is None)
             except Exception:  # one backend's pid must not kill the front of them all
                 log.exception("%s: cannot check pid %s; taking it for dead", att.name,
                               att.pid)

@@ -251,10 +251,10 @@ def test_a_backend_whose_liveness_check_fails_is_dropped_not_the_front(
     odd = os.getppid()  # alive, and not the pid of the attached backend below
     real = srv.process_gone
 
-    def gone(pid: int) -> bool:
+    def gone(pid: int, zombies: bool = True) -> bool:
         if pid == odd:
             raise OverflowError("signed integer is greater than maximum")
-        return real(pid)
+        return real(pid, zombies)
 
     monkeypatch.setattr(srv, "process_gone", gone)
     with comm.attach(server.endpoint) as good:
@@ -568,3 +568,37 @@ def test_stop_sends_closed_to_a_backend_without_a_fifo(served: Any) -> None:
         s.frozen = False
         sock.close(0)
         ctx.term()
+
+
+@pytest.mark.timeout(30)
+def test_a_backend_on_socket_completions_keeps_working_after_prefetches(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A communicator that cannot open the backend's FIFO (a private /tmp) sends
+    completions over the socket. The FIFO then never had a writer, and its
+    end-of-file is no hang-up: prefetch() took it for one and closed the handle."""
+    _, _, server = served
+    monkeypatch.setattr("comm._attached._open_ring", lambda path, name: None)
+    with comm.attach(server.endpoint) as be:
+        assert be.get_page(REL, 2, lsn=100, timeout=3) == fake_page(REL, 2, 100)
+        for i in range(3):
+            assert be.prefetch(REL, [10 + i], lsn=100) == 1
+            time.sleep(0.06)  # past the prefetch's FIFO check interval
+        assert be.get_page(REL, 3, lsn=100, timeout=3) == fake_page(REL, 3, 100)
+
+
+def test_process_gone_alive_hidden_and_zombie_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from comm._procutil import process_gone
+
+    assert not process_gone(os.getpid()) and not process_gone(os.getpid(), zombies=False)
+
+    def eperm(pid: int, sig: int) -> None:
+        raise PermissionError
+
+    def hidden(*a: Any, **k: Any) -> Any:
+        raise FileNotFoundError  # /proc mounted hidepid=2: another user's pid is hidden
+
+    monkeypatch.setattr(os, "kill", eperm)
+    monkeypatch.setattr(builtins, "open", hidden)
+    assert not process_gone(12345)  # kill said: alive, another user's

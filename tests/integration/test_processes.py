@@ -441,3 +441,36 @@ def test_prefetch_after_the_communicator_died_raises_at_once(cluster: LocalClust
     finally:
         go.set()
         cp.stop()
+
+
+def test_a_stopped_communicator_drops_prefetches_and_times_reads_out(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """SIGSTOP, not death: once its queue is full, a prefetch is dropped within 50 ms
+    (it used to wait its whole timeout, then say the communicator was stuck), a read
+    is a RequestTimeout at its deadline (was CommClosed), and the handle works again
+    after SIGCONT."""
+    cp = CommProcess(cluster, tmp_path / "s.ipc")
+    rel = comm.RelTag(1663, 16384, 16384)
+    try:
+        with comm.attach(cp.endpoint, slots=4) as be:
+            assert be.get_page(rel, 1, LSN) == synth_pages(rel, [1], LSN)[0]
+            cp.proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                dropped = 0
+                for i in range(5000):  # fills the socket's queue (its high-water mark)
+                    if be.prefetch(rel, [i % NBLOCKS], LSN, timeout=30) == 0:
+                        dropped += 1
+                        if dropped == 3:
+                            break
+                assert dropped == 3 and time.monotonic() - t0 < 20
+                t1 = time.monotonic()
+                with pytest.raises(comm.RequestTimeout):
+                    be.get_page(rel, 2, LSN, timeout=1.0)
+                assert time.monotonic() - t1 < 5
+            finally:
+                cp.proc.send_signal(signal.SIGCONT)
+            assert be.get_page(rel, 3, LSN, timeout=10) == synth_pages(rel, [3], LSN)[0]
+    finally:
+        cp.stop()
+
