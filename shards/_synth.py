@@ -60,6 +60,11 @@ MAX_RELS = MAX_UINT32 - SYNTH_FIRST_REL + 1  # relfilenodes are uint32
 MAX_NBLOCKS = MAX_BLOCKNO + 1  # a relation's size as the store records it
 
 
+class WriteFailed(StoreError):
+    """The store failed while pages were being written (a full disk, an LMDB map
+    full): unlike a refusal, something may have been written."""
+
+
 class GenerateError(ShardsError, ValueError):
     """generate_store's arguments are invalid or do not fit the store it would write
     into. A ValueError too, as argument errors always were."""
@@ -204,10 +209,13 @@ def generate_store(store_dir: Any, shard_count: int, stripe_size: int = DEFAULT_
     try:
         _check_forward(stores, lsn_list, store_dir)
         bar = _progress(progress, rels * nblocks * len(lsn_list))
-        for lsn in lsn_list:
-            for rel in tags:
-                written += _write_rel(stores, rel, nblocks, lsn, stripe_size, bar)
-            _write_metadata(stores, tags, nblocks, lsn, stripe_size)
+        try:
+            for lsn in lsn_list:
+                for rel in tags:
+                    written += _write_rel(stores, rel, nblocks, lsn, stripe_size, bar)
+                _write_metadata(stores, tags, nblocks, lsn, stripe_size)
+        except StoreError as e:  # after writing began: not a usage error (see _cli)
+            raise WriteFailed(str(e)) from None
         if bar is not None:
             bar.close()
     finally:
@@ -352,7 +360,10 @@ def _cli(args: argparse.Namespace) -> int:
         desc = generate_store(args.store, args.shard_count, stripe_size, rels=args.rels,
                               nblocks=args.nblocks, lsns=args.lsns or DEFAULT_LSNS,
                               progress=progress)
-    except ShardsError as e:  # GenerateError, StoreError: one line, like serve
+    except WriteFailed as e:  # failed while writing: unexpected, status 1 (as import-pgdata)
+        print(f"error: generate failed: {e}", file=sys.stderr)
+        return 1
+    except ShardsError as e:  # a refusal (GenerateError, a store it cannot create): 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     rate = desc["pages"] / desc["seconds"] if desc["seconds"] > 0 else float("inf")

@@ -359,3 +359,21 @@ def test_generate_rerun_at_the_same_lsns_and_forward_still_works(tmp_path: Path)
         with open_shard_store(store, shard_for(rel, 5, 2, 4), readonly=True) as st:
             assert st.get_page(rel, 5, lsn) == synth_page(rel, 5, lsn)
             assert st.last_lsn == L3
+
+
+def test_generate_failing_while_writing_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A refusal is 2, like every command; a failure while writing is 1, as in
+    import-pgdata (something may have been written)."""
+    import shards._synth as synth
+
+    def full(*a: object, **k: object) -> int:
+        raise StoreError("MDB_MAP_FULL: Environment mapsize limit reached")
+
+    monkeypatch.setattr(synth, "_write_rel", full)
+    rc, err = _run(["generate", "--store", str(tmp_path / "s"), "--shard-count", "1",
+                    "--no-progress"], capsys)
+    assert rc == 1
+    _assert_one_line_error(err, "generate failed", "MDB_MAP_FULL")
+    with pytest.raises(StoreError, match="MDB_MAP_FULL"):
+        generate_store(tmp_path / "t", 1, rels=1, nblocks=1)
