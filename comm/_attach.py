@@ -38,6 +38,7 @@ from ._errors import CommClosed, InvalidRequest, RelationNotFound, RequestTimeou
 from ._proclink import ProcLink, _call
 from ._procutil import RING_PREFIX
 from ._validate import (
+    check_block,
     check_blocks,
     check_lsns,
     check_rel,
@@ -100,7 +101,8 @@ class ProcBackend(ProcLink):
     # ------------------------------------------------------------ API
     def get_page(self, rel: RelTag, blkno: int, lsn: int, *,
                  not_modified_since: int | None = None, timeout: float | None = None) -> bytes:
-        return self.get_pages(rel, [blkno], lsn, not_modified_since=not_modified_since,
+        return self.get_pages(rel, [check_block(blkno)], lsn,  # named as blkno, as a
+                              not_modified_since=not_modified_since,  # thread backend does
                               timeout=timeout)[0]
 
     @_call

@@ -602,3 +602,12 @@ def test_process_gone_alive_hidden_and_zombie_checks(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(os, "kill", eperm)
     monkeypatch.setattr(builtins, "open", hidden)
     assert not process_gone(12345)  # kill said: alive, another user's
+
+
+@pytest.mark.timeout(30)
+def test_a_bad_block_is_named_as_a_thread_backend_names_it(served: Any) -> None:
+    _, c, server = served
+    with comm.attach(server.endpoint) as pb, c.backend() as tb:
+        for be in (pb, tb):
+            with pytest.raises(comm.InvalidRequest, match=r"^blkno=-1 is outside"):
+                be.get_page(REL, -1, lsn=100)
