@@ -229,7 +229,9 @@ class ShardWorker:
         if self._delayed:  # a retry falls due: be awake for it (+1: poll truncates)
             due = self._delayed[0][0] - time.monotonic()
             wait_ms = max(0, min(wait_ms, int(due * 1000) + 1))
-        if not small or wait_ms <= DOZE_MS:
+        if not small or wait_ms <= DOZE_MS or len(self._inflight) >= self._win.window:
+            # (a full window: a read could not be sent sooner; the reads that come
+            # meanwhile are taken together at the next reply, and coalesced)
             return poller.poll(wait_ms)
         events = poller.poll(DOZE_MS)
         if events:
