@@ -36,7 +36,6 @@ from shards.protocol import Kind, RequestClass, SlruKind
 from . import _ipc
 from ._errors import CommClosed, InvalidRequest, RelationNotFound, RequestTimeout
 from ._proclink import ProcLink, _call
-from ._procutil import RING_PREFIX
 from ._validate import (
     check_block,
     check_blocks,
@@ -50,7 +49,6 @@ from ._validate import (
 _KINDS = {int(k) for k in Kind}
 _FIFO_CHECK_EVERY = 0.05  # prefetch() looks for the communicator's end-of-file this often
 _PREFETCH_WAIT = 0.05  # and waits this long at most for a full queue (then drops it)
-_RING_PREFIX = RING_PREFIX  # the completion FIFO's directory: + pid + "-"
 
 
 def attach(endpoint: str, *, slots: int = 16, timeout: float = 10.0,

@@ -90,10 +90,7 @@ class CommConfig:
 
     def replace(self, **changes: object) -> CommConfig:
         """A copy with ``changes`` (setting names); ConfigError names an unknown one."""
-        unknown = sorted(set(changes) - _SETTINGS)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
-                              f"{', '.join(sorted(_SETTINGS))}")
+        _check_names(changes)
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
@@ -109,14 +106,20 @@ class CommConfig:
             if raw is None or raw.strip() == "":
                 continue
             kw[f.name] = _parse(f.name, name, raw.strip())
+        _check_names(overrides)
         kw.update(overrides)
-        unknown = sorted(set(kw) - _SETTINGS)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
         return cls(**kw)  # type: ignore[arg-type]
 
 
 _SETTINGS = frozenset(f.name for f in dataclasses.fields(CommConfig))
+
+
+def _check_names(settings: Mapping[str, object]) -> None:
+    """ConfigError naming the keys of ``settings`` that are no CommConfig setting."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
+                          f"{', '.join(sorted(_SETTINGS))}")
 
 
 def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -107,7 +107,7 @@ def test_the_handle_looks_like_a_thread_backend(served: Any) -> None:
 def test_a_dead_attachers_fifo_directory_is_removed(served: Any, tmp_path: Path) -> None:
     import tempfile
 
-    from comm._attach import _RING_PREFIX
+    from comm._procutil import RING_PREFIX as _RING_PREFIX
     _, _, server = served
     pid = os.fork()
     if pid == 0:
